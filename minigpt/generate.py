@@ -1,0 +1,151 @@
+"""Sampling from a GPT one token at a time, with a KV cache.
+
+Each step turns the logits of the last position into one token per row:
+
+    logits ─► / temperature ─► keep top-k ─► keep nucleus (top-p) ─► softmax ─► draw (or argmax if temperature 0)
+
+`generate_tokens` yields the tokens as they are chosen so that a CLI can print text while it is being written;
+`GPT.generate` collects them into one tensor.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .model import GPT, KVCache, check_token_ids
+
+
+def generate_tokens(
+    model: GPT,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | int | None = None,
+    stop_id: int | None = None,
+) -> Iterator[Tensor]:
+    """Yield max_new_tokens LongTensors of shape (B,): the next token of every row of `idx` (B, T).
+
+    - temperature: > 0 divides the logits (below 1 sharper, above 1 flatter); 0 means greedy (argmax).
+    - top_k: sample only among the k most likely tokens. top_p: only among the smallest set of most likely tokens
+      whose probabilities add up to at least p (nucleus sampling). Both may be combined (top-k first).
+    - generator: a torch.Generator, or an int seed, for reproducible draws.
+    - stop_id: a row that emits it is finished; finished rows keep yielding stop_id (padding, so every step has
+      one token per row), and the iteration ends as soon as all rows are finished.
+    - use_cache: keep each layer's keys and values so that a step costs one position of work. Learned-position
+      models slide a block_size window once the text outgrows it; then every cached key moves to a new position,
+      so the cache is re-primed on the window. Sinusoidal and ALiBi models just keep extending the cache.
+
+    The model is used as it is: call model.eval() first if it has dropout. Arguments are checked at the call,
+    before the first token is asked for.
+    """
+    _check_sampling_args(model.config.vocab_size, max_new_tokens, temperature, top_k, top_p, stop_id)
+    check_token_ids(idx, model.config.vocab_size)
+    if isinstance(generator, int):
+        generator = torch.Generator(device=idx.device).manual_seed(generator)
+    return _sample_loop(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_id)
+
+
+def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                 top_p: float | None, use_cache: bool, generator: torch.Generator | None,
+                 stop_id: int | None) -> Iterator[Tensor]:
+    cfg = model.config
+    if max_new_tokens == 0:
+        return
+    batch, prompt_len = idx.shape
+    window = cfg.block_size if cfg.positions == "learned" else None  # None: the model takes any length
+    tokens = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=idx.device)
+    tokens[:, :prompt_len] = idx
+    length = prompt_len
+    cache = None
+    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+
+    with torch.inference_mode():
+        if use_cache:
+            capacity = prompt_len + max_new_tokens - 1  # the last chosen token is never fed back
+            cache = model.new_cache(batch, capacity if window is None else min(capacity, window))
+        logits = _last_logits(model, tokens[:, :length], window, cache, prime=True)
+
+    for step in range(max_new_tokens):
+        next_ids = choose_next(logits, temperature, top_k, top_p, generator)
+        if stop_id is not None:
+            next_ids = next_ids.masked_fill(finished, stop_id)
+            finished |= next_ids == stop_id
+        yield next_ids
+        if step + 1 == max_new_tokens or (stop_id is not None and bool(finished.all())):
+            return
+        tokens[:, length] = next_ids
+        length += 1
+        with torch.inference_mode():
+            logits = _last_logits(model, tokens[:, :length], window, cache, prime=False)
+
+
+def _last_logits(model: GPT, tokens: Tensor, window: int | None, cache: KVCache | None, prime: bool) -> Tensor:
+    """Logits (B, vocab) of the position after `tokens`, doing as little work as the cache allows."""
+    if window is not None and tokens.shape[1] > window:
+        tokens = tokens[:, -window:]  # learned positions: the model sees the last block_size tokens
+        if cache is not None and not prime:
+            cache.reset()  # the window slid: every cached key now sits at a different position
+            prime = True
+    if cache is not None and not prime:
+        tokens = tokens[:, -1:]  # everything before is in the cache
+    hidden = model.hidden_states(tokens, cache)
+    return model.head(hidden[:, -1])  # only the last position is needed: skip (T - 1) x vocab of the head
+
+
+def choose_next(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row of `logits` (B, vocab) under the sampling controls of generate_tokens."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        logits = keep_top_k(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = keep_top_p(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def keep_top_k(logits: Tensor, k: int) -> Tensor:
+    """Logits with all but the k largest of each row set to -inf (exactly k survive, even with ties)."""
+    values, indices = logits.topk(k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+
+
+def keep_top_p(logits: Tensor, p: float) -> Tensor:
+    """Logits with everything outside the nucleus set to -inf.
+
+    The nucleus is the shortest prefix of the tokens sorted by probability whose total reaches p: a token is
+    kept when the mass of the tokens ranked above it is still below p (so the most likely token always is).
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_above >= p, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _check_sampling_args(vocab_size: int, max_new_tokens: int, temperature: float, top_k: int | None,
+                         top_p: float | None, stop_id: int | None) -> None:
+    """Raise ConfigError naming the argument and its allowed range."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ConfigError(f"top_k must be an integer >= 1 (or None for no limit), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
+    if stop_id is not None and (not _is_int(stop_id) or not 0 <= stop_id < vocab_size):
+        raise ConfigError(f"stop_id must be a token id in [0, {vocab_size - 1}] (or None), got {stop_id!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,121 @@
+"""Three ways to tell a decoder where each token sits.
+
+Attention by itself is blind to order, so the model needs position information from somewhere:
+
+- ``learned``: a trainable table of one vector per position, added to the token embeddings (GPT-2). It only
+  knows the positions it was trained on, so it refuses sequences longer than ``block_size``.
+- ``sinusoidal``: fixed sines and cosines of the position (Vaswani et al., 2017), added to the token embeddings.
+  A closed form, so it exists for any position.
+- ``alibi``: nothing is added to the embeddings; instead each head's attention score for query i and key j is
+  lowered by ``m_h * (i - j)``, a penalty that grows with distance (Press et al., 2022). Because it speaks only
+  of distances, a model trained on short sequences keeps working on longer ones.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+
+class LearnedPositions(nn.Module):
+    """A (block_size, n_embd) table; row t is added to the embedding of the token at position t."""
+
+    def __init__(self, block_size: int, n_embd: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(block_size, n_embd)
+
+    def forward(self, start: int, length: int) -> Tensor:
+        end = start + length
+        block_size = self.table.num_embeddings
+        if end > block_size:
+            raise ConfigError(
+                f"sequence reaches position {end - 1} but learned positions cover only 0..{block_size - 1} "
+                f"(block_size={block_size}); crop the input to {block_size} tokens or use positions='sinusoidal' "
+                "or 'alibi', which handle any length"
+            )
+        return self.table.weight[start:end]  # a slice, not a lookup: no index tensor to build
+
+
+def sinusoidal_table(length: int, dim: int, start: int = 0) -> Tensor:
+    """PE[t, 2k] = sin(t / 10000^(2k/d)), PE[t, 2k+1] = cos(t / 10000^(2k/d)) for t in [start, start + length).
+
+    Computed in float64 and rounded once, so that far positions (large t) are as exact as float32 allows.
+    """
+    t = torch.arange(start, start + length, dtype=torch.float64)[:, None]
+    inverse_wavelength = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = t * inverse_wavelength
+    table = torch.empty(length, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles)
+    return table.float()
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoids: the first block_size rows are precomputed, rows beyond are computed when asked for."""
+
+    def __init__(self, block_size: int, n_embd: int) -> None:
+        super().__init__()
+        # Not persistent: it is a function of the config, so it has no business in a checkpoint.
+        self.register_buffer("table", sinusoidal_table(block_size, n_embd), persistent=False)
+
+    def forward(self, start: int, length: int) -> Tensor:
+        end = start + length
+        if end <= self.table.shape[0]:
+            return self.table[start:end]
+        return sinusoidal_table(length, self.table.shape[1], start).to(self.table)
+
+
+def alibi_slopes(n_head: int) -> Tensor:
+    """The per-head slopes m_h of ALiBi (Press et al., 2022, section 3).
+
+    For H a power of two: the geometric sequence 2^(-8/H), 2^(-16/H), ..., 2^(-8). For other H the paper takes
+    the H' = 2^floor(log2 H) slopes of the nearest smaller power of two, then fills the remaining H - H' heads
+    with every other slope of the 2H'-head sequence (the odd-numbered ones, which lie between the first set).
+    """
+
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    base = 2 ** int(math.log2(n_head))
+    slopes = geometric(base) + geometric(2 * base)[0::2][: n_head - base]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_mask(slopes: Tensor, q_len: int, k_len: int) -> Tensor:
+    """Additive attention mask (H, q_len, k_len): ALiBi's -m_h * (i - j) where j <= i, and -inf where j > i.
+
+    The queries are the *last* q_len of the k_len positions: with a KV cache a single new token (q_len = 1) is
+    position k_len - 1 and attends to every cached key. Causal masking and the distance bias are one tensor, so
+    the attention kernel applies both in a single add.
+    """
+    i = torch.arange(k_len - q_len, k_len, device=slopes.device)[:, None]
+    j = torch.arange(k_len, device=slopes.device)[None, :]
+    distance = (i - j).to(slopes.dtype)
+    bias = -slopes[:, None, None] * distance
+    return bias.masked_fill(j > i, float("-inf"))
+
+
+class ALiBi(nn.Module):
+    """Holds the slopes and a small cache of masks, built once per (length, dtype, device) and reused."""
+
+    max_cached = 8  # training uses one length; generation a couple; this bounds memory if lengths keep changing
+
+    def __init__(self, n_head: int) -> None:
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(n_head), persistent=False)
+        self._masks: dict[tuple, Tensor] = {}
+
+    def forward(self, q_len: int, k_len: int) -> Tensor:
+        """The (1, H, q_len, k_len) mask for SDPA (the leading 1 broadcasts over the batch)."""
+        key = (q_len, k_len, self.slopes.dtype, self.slopes.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            if q_len == 1:  # a generation step: a fresh row is cheaper than caching one per length
+                return alibi_mask(self.slopes, 1, k_len)[None]
+            if len(self._masks) >= self.max_cached:
+                self._masks.clear()
+            mask = self._masks[key] = alibi_mask(self.slopes, q_len, k_len)[None]
+        return mask
