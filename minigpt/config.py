@@ -1,8 +1,8 @@
 """Settings as dataclasses: the one place where defaults live and values are checked."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, get_args, get_type_hints
 
 from .errors import ConfigError
 
@@ -55,3 +55,116 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
         return from_dict_strict(cls, values)
+
+
+def _default_model() -> GPTConfig:
+    """The `python train.py` model: small enough to train on a laptop CPU in a few minutes."""
+    return GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train.py` can be told; CLI flags are generated from these fields (and GPTConfig's).
+
+    The model's vocab_size is not a setting here: it is taken from the tokenizer.
+    """
+
+    # data source (see data.prepare.prepare_data)
+    data: str | None = field(default=None, metadata={"help": "text file, folder, glob, .jsonl or .parquet; default: the offline Python-stdlib corpus"})
+    dataset: str | None = field(default=None, metadata={"help": "Hugging Face dataset name (instead of --data)"})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hugging Face dataset configuration"})
+    text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl/.parquet/datasets"})
+    errors: str = field(default="strict", metadata={"help": "how to treat undecodable bytes: strict|replace|ignore"})
+    tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer .json to use instead of training one"})
+    vocab_size: int = field(default=2048, metadata={"help": "vocabulary size of the tokenizer trained on the data"})
+    pattern: str = field(default="gpt4", metadata={"help": "pre-tokenizer split pattern: gpt2|gpt4|<regex>"})
+    val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})
+    max_bytes: int | None = field(default=None, metadata={"help": "read at most this many bytes of the corpus"})
+    data_dir: str | None = field(default=None, metadata={"help": "token cache folder; default <out-dir>/data"})
+    # the network
+    model: GPTConfig = field(default_factory=_default_model)
+    # optimisation
+    batch_size: int = field(default=12, metadata={"help": "sequences per micro-batch (per process)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
+    max_iters: int = field(default=600, metadata={"help": "optimizer steps to train for (in total, across resumes)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_iters: int = field(default=50, metadata={"help": "steps of linear warmup from 0 to --lr"})
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the cosine reaches --min-lr; default --max-iters"})
+    weight_decay: float = field(default=0.1, metadata={"help": "decoupled AdamW weight decay (matrices only)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    # evaluation, logging, checkpoints
+    eval_interval: int = field(default=100, metadata={"help": "evaluate and save a checkpoint every N steps"})
+    eval_iters: int = field(default=20, metadata={"help": "batches per evaluation (train and val)"})
+    log_interval: int = field(default=10, metadata={"help": "write a metrics line every N steps"})
+    out_dir: str = field(default="out", metadata={"help": "output folder for checkpoints, metrics and plots"})
+    resume: bool = field(default=False, metadata={"help": "continue the run saved in --out-dir"})
+    overwrite: bool = field(default=False, metadata={"help": "start a new run even if --out-dir holds a checkpoint"})
+    # hardware
+    device: str = field(default="auto", metadata={"help": "auto|cpu|cuda|cuda:N|mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 autocast on CUDA, float32 elsewhere)|float32|bfloat16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    seed: int = field(default=1337, metadata={"help": "seed for initialisation, dropout and batch sampling"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = GPTConfig.from_dict(self.model)
+        _check_types(self)
+        for name in ("vocab_size", "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+            _check_positive(name, getattr(self, name))
+        for name in ("max_bytes", "lr_decay_iters"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        if self.data is not None and self.dataset is not None:
+            raise ConfigError("give either data or dataset, not both")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.warmup_iters < 0:
+            raise ConfigError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
+        if not self.lr > 0.0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0.0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N; got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if not self.out_dir:
+            raise ConfigError("out_dir must not be empty")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite contradict each other; give one")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        return from_dict_strict(cls, values)
+
+
+def _check_types(obj: Any) -> None:
+    """Refuse values of the wrong type (a config file can hold `lr = "fast"`); ints are accepted where floats are."""
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        allowed = tuple(t for t in get_args(hint)) if get_args(hint) else (hint,)
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            setattr(obj, f.name, float(value))
+            continue
+        ok = any(value is None if t is type(None) else isinstance(value, t) for t in allowed)
+        if not ok or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f"{f.name} must be {names}, got {value!r}")

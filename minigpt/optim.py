@@ -1,0 +1,67 @@
+"""AdamW with weight-decay groups, the warmup + cosine learning-rate schedule, and gradient clipping."""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters into a decayed group (matrices of Linear layers) and an undecayed one.
+
+    Decoupled weight decay pulls weights towards zero; that is a useful prior for the matrices that mix features,
+    but not for biases and LayerNorm gains (decaying a gain towards 0 switches a channel off), nor, by choice, for
+    embeddings (a rare token's row would shrink just for being rare). Embeddings are the only >= 2-D parameters
+    that are not Linear weights, so they are found by module type. A tied output head shares the embedding's
+    Parameter object, and `named_parameters()` yields a shared Parameter once, so it is not decayed either.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device_type: str) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA (one launch for all tensors), foreach elsewhere."""
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    extra = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, **extra)
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, cosine decay to min_lr, then flat.
+
+    Warmup starts at lr / warmup_iters rather than 0 so that the first step is not wasted.
+    """
+    if step < warmup_iters:
+        return lr * (step + 1) / warmup_iters
+    if step >= decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients *before* clipping; scales them down to `max_norm` when it is > 0.
+
+    The norm is returned even when clipping is off because it is worth logging: a spike is the first sign of
+    a learning rate that is too high.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    # With max_norm = inf the scale factor is clamped to exactly 1.0, so only the norm is computed.
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
