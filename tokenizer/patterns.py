@@ -1,0 +1,47 @@
+"""Pre-splitting patterns: the regex that cuts text into pieces before BPE ever sees it.
+
+BPE merges never cross a piece boundary, so the pattern decides what a token *can* be: with these patterns a
+token never joins a letter run to a digit run, and spaces attach to the start of the following word.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import regex
+
+from .errors import TokenizerError
+
+# GPT-2's pattern (tiktoken's r50k/p50k form: possessive quantifiers, same pieces as the original).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+# GPT-4's pattern (tiktoken's cl100k_base): case-insensitive contractions, digit runs of at most three,
+# newlines kept apart from the words that follow them.
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|"""
+    r"""\s+(?!\S)|\s"""
+)
+
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+
+def pattern_from_name(name_or_regex: str) -> str:
+    """Return the regex for "gpt2" / "gpt4", or validate and return a custom regex."""
+    if name_or_regex in PATTERNS:
+        return PATTERNS[name_or_regex]
+    compile_pattern(name_or_regex)
+    return name_or_regex
+
+
+@lru_cache(maxsize=16)
+def compile_pattern(pattern: str) -> regex.Pattern:
+    """Compile a pre-splitting regex, turning a syntax error into a TokenizerError that says how to fix it."""
+    if not isinstance(pattern, str) or not pattern:
+        raise TokenizerError("the split pattern must be a non-empty regex string, or 'gpt2' / 'gpt4'")
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as e:
+        raise TokenizerError(f"invalid split pattern {pattern!r}: {e}; pass 'gpt2', 'gpt4' or a valid regex") from None
+    if compiled.fullmatch("") is not None:
+        raise TokenizerError(f"split pattern {pattern!r} matches the empty string; every piece must be non-empty")
+    return compiled

@@ -1,0 +1,364 @@
+"""The Tokenizer: rank-based byte-level BPE encoding and decoding, tiktoken-style special tokens.
+
+A tokenizer is three things: a pre-splitting ``pattern``, the ``ranks`` of its mergeable tokens (token bytes ->
+id; the id is also the merge priority, lower merges first) and ``special_tokens`` (text -> id, never produced by
+merging). Encoding a piece of text repeatedly joins the adjacent pair whose joined bytes have the lowest rank,
+exactly like tiktoken; results are cached per piece, so a corpus costs roughly one regex pass plus dict lookups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import multiprocessing
+import os
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from itertools import chain
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import regex
+
+from .errors import TokenizerError
+from .patterns import GPT4_PATTERN, compile_pattern, pattern_from_name
+
+EOT = "<|endoftext|>"
+
+# Pieces longer than this use the heap-and-linked-list merge (n log n); shorter ones the simple scan.
+LONG_PIECE = 64
+# The piece cache is cleared when it grows past this many entries (bounds memory on endless streams).
+CACHE_LIMIT = 1 << 20
+
+AllowedSpecial = Union[str, Iterable[str]]
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer. Build one with :meth:`train`, :meth:`load` or :meth:`from_tiktoken`."""
+
+    def __init__(self, ranks: dict[bytes, int], pattern: str = GPT4_PATTERN,
+                 special_tokens: dict[str, int] | None = None) -> None:
+        special_tokens = dict(special_tokens or {})
+        _check_vocab(ranks, special_tokens)
+        self.pattern = pattern
+        self.special_tokens = special_tokens
+        self._ranks = dict(ranks)
+        self._split = compile_pattern(pattern).findall
+        self._decoder: dict[int, bytes] = {i: b for b, i in self._ranks.items()}
+        self._decoder.update((i, s.encode("utf-8")) for s, i in special_tokens.items())
+        self._max_token_len = max(len(b) for b in self._ranks)
+        self._special_split = (
+            regex.compile("|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
+            if special_tokens else None
+        )
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self._reset_cache()
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def train(cls, texts: Union[str, Iterable[str]], vocab_size: int = 4096, pattern: str = GPT4_PATTERN,
+              special_tokens: Sequence[str] = (EOT,), min_frequency: int = 1, progress: bool = True,
+              num_proc: int | None = None) -> "Tokenizer":
+        """Learn a byte-level BPE vocabulary of ``vocab_size`` ids (256 bytes + merges + special tokens).
+
+        ``texts`` is one string or an iterable of strings, streamed (never joined). ``pattern`` is a regex or
+        "gpt2"/"gpt4". See :mod:`tokenizer.trainer` for the algorithm and the tie-break rule.
+        """
+        from .trainer import train_bpe
+
+        pattern = pattern_from_name(pattern)
+        special_tokens = list(special_tokens)
+        if len(set(special_tokens)) != len(special_tokens) or not all(isinstance(s, str) and s for s in special_tokens):
+            raise TokenizerError(f"special tokens must be distinct non-empty strings, got {special_tokens!r}")
+        if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
+            raise TokenizerError(
+                f"vocab_size {vocab_size} is too small: it must be at least 256 (the byte values) + "
+                f"{len(special_tokens)} special token(s) = {256 + len(special_tokens)}")
+        if not isinstance(min_frequency, int) or min_frequency < 1:
+            raise TokenizerError(f"min_frequency must be an integer >= 1, got {min_frequency!r}")
+        vocab = train_bpe(texts, vocab_size - len(special_tokens), pattern, min_frequency=min_frequency,
+                          progress=progress, num_proc=num_proc)
+        ranks = {b: i for i, b in enumerate(vocab)}
+        specials = {s: len(vocab) + i for i, s in enumerate(special_tokens)}
+        return cls(ranks, pattern, specials)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
+        """Load our versioned JSON file (see :mod:`tokenizer.formats`)."""
+        from .formats import load_json
+
+        return load_json(path)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write our versioned JSON file atomically (temp file + rename)."""
+        from .formats import save_json
+
+        save_json(self, path)
+
+    @classmethod
+    def from_tiktoken(cls, path: Union[str, os.PathLike], pattern: str = GPT4_PATTERN,
+                      special_tokens: dict[str, int] | None = None) -> "Tokenizer":
+        """Import a tiktoken rank file (``base64-token rank`` per line), e.g. ``cl100k_base.tiktoken``."""
+        from .formats import read_tiktoken
+
+        return cls(read_tiktoken(path), pattern_from_name(pattern), special_tokens)
+
+    def save_tiktoken(self, path: Union[str, os.PathLike]) -> None:
+        """Export the mergeable ranks as a tiktoken rank file (special tokens are not part of that format)."""
+        from .formats import write_tiktoken
+
+        write_tiktoken(self.mergeable_ranks, path)
+
+    def save_huggingface(self, path: Union[str, os.PathLike]) -> None:
+        """Export a Hugging Face ``tokenizer.json`` that gives the same ids as this tokenizer."""
+        from .formats import save_huggingface
+
+        save_huggingface(self, path)
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: the largest id + 1 (the size an embedding table needs)."""
+        return max(max(self._decoder), 0) + 1
+
+    @property
+    def eot_id(self) -> int | None:
+        """The id of ``<|endoftext|>``, or None when this tokenizer has no such special token."""
+        return self.special_tokens.get(EOT)
+
+    @property
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """Token bytes -> id for every non-special token (a copy)."""
+        return dict(self._ranks)
+
+    @cached_property
+    def checksum(self) -> str:
+        """SHA-256 of the pattern, the ranks and the special tokens: identifies the tokenizer across files."""
+        payload = json.dumps(
+            {"pattern": self.pattern,
+             "ranks": [[b.hex(), i] for b, i in sorted(self._ranks.items(), key=lambda kv: kv[1])],
+             "special_tokens": sorted(self.special_tokens.items())},
+            separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(payload.encode("ascii")).hexdigest()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id decodes to (special tokens: their UTF-8 text)."""
+        return self.decode_bytes([token_id])
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """int64 array (vocab_size,): bytes each id decodes to; special tokens and unused ids count 0.
+
+        Used for exact bits-per-byte: a special token adds no text bytes.
+        """
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for b, i in self._ranks.items():
+            lengths[i] = len(b)
+        return lengths
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={len(self.special_tokens)}, "
+                f"checksum={self.checksum[:12]})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and self.checksum == other.checksum
+
+    __hash__ = None  # type: ignore[assignment]  # mutable cache inside; compare by checksum instead
+
+    # ---------------------------------------------------------------- encoding
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode text, treating special-token text as ordinary text."""
+        pieces = self._split(text)
+        cache = self._cache
+        parts = list(map(cache.get, pieces))
+        if None in parts:
+            if len(cache) > CACHE_LIMIT:
+                self._reset_cache()
+                cache = self._cache
+            for k, piece in enumerate(pieces):
+                if parts[k] is None:
+                    ids = cache.get(piece)
+                    if ids is None:
+                        ids = cache[piece] = tuple(self._encode_piece(piece.encode("utf-8")))
+                    parts[k] = ids
+        return list(chain.from_iterable(parts))
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = "none") -> list[int]:
+        """Encode text. Special-token text raises TokenizerError unless allowed (tiktoken's semantics).
+
+        ``allowed_special``: "none" (default), "all", or a set of special-token strings to encode as their ids.
+        """
+        allowed = self._allowed(allowed_special)
+        disallowed = self.special_tokens.keys() - allowed
+        if disallowed and self._special_split is not None:
+            for match in self._special_split.finditer(text):
+                if match.group() in disallowed:
+                    self._raise_disallowed(match.group())
+        if not allowed:
+            return self.encode_ordinary(text)
+        out: list[int] = []
+        start = 0
+        for match in self._special_split.finditer(text):
+            out += self.encode_ordinary(text[start:match.start()])
+            out.append(self.special_tokens[match.group()])
+            start = match.end()
+        out += self.encode_ordinary(text[start:])
+        return out
+
+    def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = "none",
+                     num_proc: int | None = None) -> list[list[int]]:
+        """Encode many texts; with ``num_proc`` > 1 (default: every CPU for large batches) in several processes."""
+        texts = list(texts)
+        self._allowed(allowed_special)  # validate here, not in a worker
+        if num_proc is None:
+            num_proc = (os.cpu_count() or 1) if sum(map(len, texts)) > (4 << 20) else 1
+        num_proc = max(1, min(num_proc, len(texts)))
+        if num_proc == 1:
+            return [self.encode(t, allowed_special) for t in texts]
+        chunk = max(1, len(texts) // (num_proc * 8))
+        state = (self._ranks, self.pattern, self.special_tokens)
+        allowed = allowed_special if isinstance(allowed_special, str) else sorted(allowed_special)
+        with multiprocessing.get_context().Pool(num_proc, _init_worker, (state,)) as pool:
+            return pool.starmap(_encode_in_worker, ((t, allowed) for t in texts), chunksize=chunk)
+
+    def _allowed(self, allowed_special: AllowedSpecial) -> set[str]:
+        if allowed_special == "all":
+            return set(self.special_tokens)
+        if allowed_special == "none":
+            return set()
+        if isinstance(allowed_special, str):
+            raise TokenizerError(
+                f"allowed_special must be 'all', 'none' or a set of special tokens, got {allowed_special!r}")
+        allowed = set(allowed_special)
+        unknown = allowed - self.special_tokens.keys()
+        if unknown:
+            raise TokenizerError(f"allowed_special names unknown special token(s) {sorted(unknown)}; "
+                                 f"this tokenizer has {sorted(self.special_tokens)}")
+        return allowed
+
+    def _raise_disallowed(self, token: str) -> None:
+        raise TokenizerError(
+            f"the text contains the special token {token!r}, which encode() does not allow by default; pass "
+            f"allowed_special='all' (or a set containing it) to encode it as id {self.special_tokens[token]}, "
+            f"or use encode_ordinary() to encode it as plain text")
+
+    def _reset_cache(self) -> None:
+        """Start the piece cache with every token that is valid UTF-8: most pieces are one whole token."""
+        self._cache = {}
+        for b, i in self._ranks.items():
+            try:
+                self._cache[b.decode("utf-8")] = (i,)
+            except UnicodeDecodeError:
+                pass
+
+    def _encode_piece(self, piece: bytes) -> list[int]:
+        """Rank-based BPE on one piece: join the lowest-ranked adjacent pair until no pair is a token."""
+        rank = self._ranks.get(piece)
+        if rank is not None:  # a whole piece that is a token is that token (as in tiktoken)
+            return [rank]
+        if len(piece) > LONG_PIECE:
+            return _merge_long(piece, self._ranks, self._max_token_len)
+        return _merge_short(piece, self._ranks)
+
+    # ---------------------------------------------------------------- decoding
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The exact bytes of ``ids`` (special tokens as their UTF-8 text)."""
+        try:
+            return b"".join(map(self._decoder.__getitem__, ids))
+        except (KeyError, TypeError):
+            bad = next(i for i in ids if not isinstance(i, (int, np.integer)) or int(i) not in self._decoder)
+            raise TokenizerError(
+                f"cannot decode id {bad!r}: valid ids are 0..{self.vocab_size - 1} of this tokenizer "
+                f"(was the text encoded with a different tokenizer?)") from None
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """Decode ids to text; bytes cut in the middle of a UTF-8 character become U+FFFD (``errors="replace"``)."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+
+def _merge_short(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """The textbook loop: scan all adjacent pairs, join the lowest-ranked (leftmost on ties), repeat. O(n^2)."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    get = ranks.get
+    while len(parts) > 1:
+        best_rank, best_i = None, -1
+        for i in range(len(parts) - 1):
+            r = get(parts[i] + parts[i + 1])
+            if r is not None and (best_rank is None or r < best_rank):
+                best_rank, best_i = r, i
+        if best_rank is None:
+            break
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return [ranks[p] for p in parts]
+
+
+def _merge_long(piece: bytes, ranks: dict[bytes, int], max_len: int) -> list[int]:
+    """Same result as :func:`_merge_short` in O(n log n): a heap of candidate joins over a linked list of parts.
+
+    Part ``i`` covers ``piece[i:end[i]]``; the part after it starts at ``end[i]``. A heap entry
+    ``(rank, i, mid, stop)`` proposes joining part ``i..mid`` with part ``mid..stop``; it is stale (skipped)
+    when either part changed since it was pushed. Heap order (rank, then position) is the short loop's order.
+    """
+    n = len(piece)
+    end = list(range(1, n + 1))
+    prev = list(range(-1, n - 1))
+    get = ranks.get
+    heap = []
+    for i in range(n - 1):
+        r = get(piece[i:i + 2])
+        if r is not None:
+            heap.append((r, i, i + 1, i + 2))
+    heapq.heapify(heap)
+    while heap:
+        _, i, mid, stop = heapq.heappop(heap)
+        if end[i] != mid or end[mid] != stop:
+            continue
+        end[i] = stop
+        end[mid] = -1
+        if stop < n:
+            prev[stop] = i
+            nxt = end[stop]
+            if nxt - i <= max_len:
+                r = get(piece[i:nxt])
+                if r is not None:
+                    heapq.heappush(heap, (r, i, stop, nxt))
+        p = prev[i]
+        if p >= 0 and stop - p <= max_len:
+            r = get(piece[p:stop])
+            if r is not None:
+                heapq.heappush(heap, (r, p, i, stop))
+    out = []
+    i = 0
+    while i < n:
+        out.append(ranks[piece[i:end[i]]])
+        i = end[i]
+    return out
+
+
+def _check_vocab(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> None:
+    """A byte-level vocabulary has every single byte, and no id is used twice."""
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"not a byte-level vocabulary: {len(missing)} single-byte token(s) missing "
+                             f"(first: byte {missing[0]}); every byte 0..255 needs an id")
+    ids = list(ranks.values()) + list(special_tokens.values())
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise TokenizerError("token ids must be distinct non-negative integers (mergeable and special tokens)")
+
+
+_WORKER: Tokenizer | None = None
+
+
+def _init_worker(state: tuple) -> None:
+    global _WORKER
+    _WORKER = Tokenizer(*state)
+
+
+def _encode_in_worker(text: str, allowed_special: AllowedSpecial) -> list[int]:
+    assert _WORKER is not None
+    return _WORKER.encode(text, allowed_special)

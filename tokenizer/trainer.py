@@ -1,0 +1,230 @@
+"""Byte-level BPE training: count pieces once, then merge with an incremental pair index.
+
+The algorithm, in four steps:
+
+1. **Pre-split** every text with the pattern (GPT-4's by default) and count each distinct piece. A corpus of
+   gigabytes has only a few hundred thousand distinct pieces, so from here on memory and time depend on the
+   number of distinct pieces, not on the corpus size.
+2. **Index pairs.** Each piece is a list of symbols (at first its bytes, ids 0..255). For every adjacent pair we
+   keep ``pair_counts[pair]`` (how often it occurs, weighted by piece counts) and ``where[pair]`` (which pieces
+   contain it), and push ``(-count, pair)`` onto a heap.
+3. **Merge the best pair.** Pop the heap. An entry may be stale (the pair's count changed after it was
+   pushed); stale entries are re-pushed with the current count or dropped ("lazy invalidation"). A fresh entry is
+   the most frequent pair. Its merged symbol becomes a new token.
+4. **Update only what changed.** Only the pieces in ``where[pair]`` can contain the pair, so we rewrite just those
+   pieces and adjust the counts of the pairs around each merge. The corpus is never recounted.
+
+**Tie-break (deterministic):** among pairs with the same count, the pair ``(left_id, right_id)`` that is smallest
+as a tuple of ids wins. Byte symbols have ids equal to their byte value and merged symbols get increasing ids, so
+the same counts give the same merges on every run and machine (dict and set iteration order never matters).
+
+If a merged symbol's content already exists in the vocabulary (for example ``"a"+"bc"`` after ``"ab"+"c"``), the
+existing id is reused, so every token has distinct bytes (what rank files like tiktoken's require).
+"""
+
+from __future__ import annotations
+
+import heapq
+import multiprocessing
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Union
+
+from tqdm.auto import tqdm
+
+from .errors import TokenizerError
+from .patterns import compile_pattern
+
+TIE_BREAK = "highest pair count first; ties: smallest (left_id, right_id) pair"
+
+Symbol = Union[bytes, str]
+
+# Texts are counted in batches of about this many characters (one unit of work for a counting process).
+BATCH_CHARS = 1 << 20
+
+
+def learn_merges(
+    words: dict[tuple[int, ...], int],
+    vocab: list[Symbol],
+    vocab_size: int,
+    min_frequency: int = 1,
+    progress: bool = False,
+) -> list[tuple[int, int, int]]:
+    """Learn merges on pre-split ``words`` (symbol-id tuple -> count) until ``vocab`` has ``vocab_size`` entries.
+
+    ``vocab`` maps symbol id -> content (bytes for byte-level BPE, or str to run the textbook example with
+    characters as symbols); new merged symbols are appended to it. Stops early when no pair occurs at least
+    ``min_frequency`` times. Returns the merges in order as ``(left_id, right_id, merged_id)``.
+    """
+    pieces = [list(w) for w in words]
+    counts = list(words.values())
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for i, (symbols, count) in enumerate(zip(pieces, counts)):
+        for pair in zip(symbols, symbols[1:]):
+            pair_counts[pair] += count
+            where[pair].add(i)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    index = {symbol: i for i, symbol in enumerate(vocab)}
+
+    merges: list[tuple[int, int, int]] = []
+    bar = tqdm(total=max(vocab_size - len(vocab), 0), desc="merges", unit="tok", disable=not progress)
+    while len(vocab) < vocab_size and heap:
+        neg_count, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count != -neg_count:  # stale entry: re-queue with the current count (if the pair still exists)
+            if count > 0:
+                heapq.heappush(heap, (-count, pair))
+            continue
+        if count < min_frequency:
+            break
+        left, right = pair
+        content = vocab[left] + vocab[right]
+        merged = index.get(content)
+        if merged is None:
+            merged = len(vocab)
+            vocab.append(content)
+            index[content] = merged
+            bar.update(1)
+        merges.append((left, right, merged))
+
+        grown: set[tuple[int, int]] = set()
+        for i in where.pop(pair):
+            old = pieces[i]
+            new = merge_pair(old, left, right, merged)
+            if len(new) == len(old):  # stale membership: the pair left this piece in an earlier merge
+                continue
+            pieces[i] = new
+            count_i = counts[i]
+            for p in zip(old, old[1:]):
+                pair_counts[p] -= count_i
+            for p in zip(new, new[1:]):
+                pair_counts[p] += count_i
+                if merged in p:
+                    where[p].add(i)
+                    grown.add(p)
+        # Only pairs that contain the new symbol can have grown; every other count only went down (lazily fixed).
+        for p in grown:
+            heapq.heappush(heap, (-pair_counts[p], p))
+        pair_counts.pop(pair, None)
+    bar.close()
+    return merges
+
+
+def merge_pair(symbols: Sequence[int], left: int, right: int, merged: int) -> list[int]:
+    """Replace every non-overlapping (left, right) in ``symbols``, scanning left to right, with ``merged``."""
+    out: list[int] = []
+    i, n = 0, len(symbols)
+    while i < n:
+        if i + 1 < n and symbols[i] == left and symbols[i + 1] == right:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def iter_text_chunks(text: str, max_chars: int = BATCH_CHARS) -> Iterator[str]:
+    """Cut a long text into chunks of about ``max_chars`` at a newline followed by a non-space character.
+
+    The GPT-2 and GPT-4 patterns always end a piece there, so counting chunk by chunk gives exactly the pieces
+    of the whole text (a custom pattern whose pieces cross such a point may split differently at the cuts).
+    """
+    start, n = 0, len(text)
+    while n - start > max_chars:
+        cut = start + max_chars
+        while cut < n and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+            cut += 1
+        yield text[start:cut]
+        start = cut
+    if start < n:
+        yield text[start:]
+
+
+def _batches(texts: Union[str, Iterable[str]], batch_chars: int) -> Iterator[list[str]]:
+    """Group texts (or chunks of one long text) into lists of about ``batch_chars`` characters."""
+    if isinstance(texts, str):
+        texts = [texts]
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        if not isinstance(text, str):
+            raise TokenizerError(f"training texts must be str, got {type(text).__name__}; decode bytes first")
+        for chunk in iter_text_chunks(text, batch_chars):
+            batch.append(chunk)
+            size += len(chunk)
+            if size >= batch_chars:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _count_batch(args: tuple[str, list[str]]) -> tuple[Counter, int]:
+    pattern, batch = args
+    findall = compile_pattern(pattern).findall
+    counter: Counter = Counter()
+    for text in batch:
+        counter.update(findall(text))
+    return counter, sum(len(t) for t in batch)
+
+
+def count_pieces(
+    texts: Union[str, Iterable[str]], pattern: str, num_proc: int | None = None, progress: bool = False
+) -> Counter:
+    """Count each distinct piece of ``texts`` (streamed in batches; several processes when there is much text).
+
+    ``num_proc=None`` uses every CPU once the input is bigger than one batch; ``num_proc=1`` stays in-process.
+    Memory is bounded by the number of distinct pieces plus a few batches in flight.
+    """
+    compile_pattern(pattern)  # fail early, in this process, on a bad regex
+    batches = _batches(texts, BATCH_CHARS)
+    total: Counter = Counter()
+    bar = tqdm(desc="counting", unit="char", unit_scale=True, disable=not progress)
+    first = next(batches, None)
+    if first is None:
+        bar.close()
+        return total
+    second = next(batches, None)
+    procs = num_proc if num_proc is not None else (os.cpu_count() or 1)
+    if second is None or procs <= 1:
+        for batch in ([first] if second is None else _chain_batches(first, second, batches)):
+            counter, size = _count_batch((pattern, batch))
+            total.update(counter)
+            bar.update(size)
+    else:
+        work = ((pattern, b) for b in _chain_batches(first, second, batches))
+        with multiprocessing.get_context().Pool(procs) as pool:
+            for counter, size in pool.imap_unordered(_count_batch, work):
+                total.update(counter)
+                bar.update(size)
+    bar.close()
+    return total
+
+
+def _chain_batches(first: list[str], second: list[str], rest: Iterator[list[str]]) -> Iterator[list[str]]:
+    yield first
+    yield second
+    yield from rest
+
+
+def train_bpe(
+    texts: Union[str, Iterable[str]],
+    vocab_size: int,
+    pattern: str,
+    min_frequency: int = 1,
+    progress: bool = False,
+    num_proc: int | None = None,
+) -> list[bytes]:
+    """Train byte-level BPE; return the token bytes by id: the 256 bytes, then one entry per new token."""
+    piece_counts = count_pieces(texts, pattern, num_proc=num_proc, progress=progress)
+    if not piece_counts:
+        raise TokenizerError("the training corpus is empty (no text to learn from); pass a non-empty text or file")
+    words = {tuple(piece.encode("utf-8")): count for piece, count in piece_counts.items()}
+    del piece_counts
+    vocab: list[Symbol] = [bytes([b]) for b in range(256)]
+    learn_merges(words, vocab, vocab_size, min_frequency=min_frequency, progress=progress)
+    return vocab  # type: ignore[return-value]
