@@ -1,0 +1,432 @@
+"""The training loop: data → model → AdamW steps, with evaluation, checkpoints, metrics and (optionally) DDP.
+
+One optimizer step = `grad_accum` micro-batches on each of `world_size` processes. The training tokens are cut
+into `world_size × grad_accum` shards and every (process, micro-step) pair draws from its own shard, so a run on
+2 processes with grad_accum 1 sees the very same batches as a run on 1 process with grad_accum 2: the two differ
+only in the order of a floating-point sum.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from data.loader import BatchLoader
+from data.prepare import PreparedData, prepare_data
+
+from .checkpoint import (TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state, read_config,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import GPTConfig, TrainConfig
+from .errors import CheckpointError, ConfigError, MinigptError
+from .evaluate import evaluate_loss
+from .model import GPT
+from .optim import clip_grad_norm, lr_at, make_optimizer, set_lr
+from .plot import plot_losses
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+BEST_DIR = "best"
+
+
+class TrainingError(MinigptError):
+    """The run cannot go on (a non-finite loss); the last good checkpoint is left in place."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run as plain `python train.py`)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train as `cfg` says; returns the output folder. Ctrl-C saves a checkpoint, then raises KeyboardInterrupt."""
+    world = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(cfg.device, world.local_rank)
+    if world.enabled:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    try:
+        return _Run(cfg, world, device).fit()
+    finally:
+        if world.enabled:
+            dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto → cuda, else mps, else cpu; an accelerator that is asked for but absent is a ConfigError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} was given but CUDA is not available on this machine "
+                              f"(torch {torch.__version__}); use --device cpu or --device auto")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps was given but MPS is not available; use --device cpu or --device auto")
+    return torch.device(name)
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = plain float32): bfloat16 on CUDA under "auto", float32 elsewhere."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class _Run:
+    """One training run; an object only so that the loop's many pieces of state have names."""
+
+    def __init__(self, cfg: TrainConfig, world: Dist, device: torch.device) -> None:
+        self.cfg, self.world, self.device = cfg, world, device
+        self.out = Path(cfg.out_dir)
+        self.amp_dtype = autocast_dtype(cfg.dtype, device)
+        self.stop_requested = False
+        self.new_best = False
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def fit(self) -> Path:
+        cfg = self.cfg
+        resume_config = self._check_out_dir()
+        self.data = self._prepare_data(resume_config)
+        self.tokenizer = self.data.tokenizer
+        self.model_config = replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
+        if resume_config is not None:
+            _check_same_model(resume_config, self.model_config, self.tokenizer.checksum, self.out)
+        self._check_data_size()
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = GPT(self.model_config).to(self.device)
+        torch.manual_seed(cfg.seed + self.world.rank)  # but a different dropout stream on each
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                        self.device.type)
+        shards = self.world.world_size * cfg.grad_accum
+        self.loaders = [BatchLoader(self.data.train_tokens, self.model_config.block_size, cfg.batch_size, cfg.seed,
+                                    rank=loader_rank(self.world.rank, m, cfg.grad_accum), world_size=shards)
+                        for m in range(cfg.grad_accum)]
+        self.step, self.best_val = 0, math.inf
+        self.records: list[dict[str, Any]] = []
+        if resume_config is not None:
+            self._restore()
+        elif self.world.main:
+            (self.out / METRICS_FILE).unlink(missing_ok=True)
+
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        step_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        if self.world.enabled:
+            step_model = torch.nn.parallel.DistributedDataParallel(
+                step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step_model = step_model
+        self._announce()
+        self._loop()
+        return self.out
+
+    def _check_out_dir(self) -> dict[str, Any] | None:
+        """Refuse to clobber a checkpoint by accident; on --resume, the checkpoint's config (verified)."""
+        cfg = self.cfg
+        if cfg.resume:
+            return read_config(checkpoint_dir(self.out, ("train_state.json",)))
+        if has_checkpoint(self.out) and not cfg.overwrite:
+            raise ConfigError(f"{self.out} already holds a checkpoint; pass --resume to continue it, --overwrite "
+                              f"to start over, or another --out-dir")
+        return None
+
+    def _prepare_data(self, resume_config: dict[str, Any] | None) -> PreparedData:
+        """Rank 0 prepares (and caches) the tokens first; the other ranks wait, then read the cache."""
+        cfg = self.cfg
+        tokenizer = cfg.tokenizer
+        if resume_config is not None and tokenizer is None:
+            tokenizer = str(checkpoint_dir(self.out) / TOKENIZER_FILE)  # the one the model was trained with
+        data_dir = cfg.data_dir or str(self.out / "data")
+
+        def prepare() -> PreparedData:
+            return prepare_data(cfg.data, data_dir, dataset=cfg.dataset, dataset_config=cfg.dataset_config,
+                                text_field=cfg.text_field, errors=cfg.errors, tokenizer=tokenizer,
+                                vocab_size=cfg.vocab_size, pattern=cfg.pattern, val_fraction=cfg.val_fraction,
+                                max_bytes=cfg.max_bytes, progress=cfg.progress and self.world.main)
+
+        if not self.world.enabled:
+            return prepare()
+        ok = torch.zeros(1, device=self.device)
+        prepared = None
+        if self.world.main:
+            try:  # an error is raised after the others have been told not to wait
+                prepared = prepare()
+                ok += 1
+            finally:
+                dist.broadcast(ok, 0)
+        else:
+            dist.broadcast(ok, 0)
+            if not ok.item():
+                raise TrainingError("rank 0 could not prepare the data (see its error)")
+            prepared = prepare()
+        return prepared
+
+    def _check_data_size(self) -> None:
+        cfg, T = self.cfg, self.model_config.block_size
+        shards = self.world.world_size * cfg.grad_accum
+        need = shards * (T + 1)
+        train_n, val_n = len(self.data.train_tokens), len(self.data.val_tokens)
+        if train_n < need:
+            raise ConfigError(f"the training split has {train_n} tokens, fewer than one block of {T + 1} for each of "
+                              f"{shards} data shards (processes × grad_accum); use more data or a smaller "
+                              f"--block-size")
+        if val_n < T + 1:
+            raise ConfigError(f"the validation split has {val_n} tokens, fewer than one block of {T + 1}; use more "
+                              f"data, a larger --val-fraction or a smaller --block-size")
+
+    def _restore(self) -> None:
+        """Continue exactly: weights, optimizer, step, best loss, RNG streams and data positions."""
+        cfg, rank = self.cfg, self.world.rank
+        state, tensors = load_train_state(self.out, self.model, self.optimizer)
+        self.step, self.best_val = state["step"], state["best_val_loss"]
+        prefix = f"rng.{rank}."
+        same_layout = state["world_size"] == self.world.world_size and state["grad_accum"] == cfg.grad_accum
+        if same_layout:
+            set_rng_state(state["rng"][rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            for m, loader in enumerate(self.loaders):
+                loader.load_state_dict(state["loaders"][rank * cfg.grad_accum + m])
+        else:  # the batches cannot be replayed: draw fresh ones, not those of step 0 again
+            self._print(f"note: the checkpoint was written by {state['world_size']} process(es) × grad_accum "
+                        f"{state['grad_accum']}; data order restarts from a new seed")
+            torch.manual_seed(cfg.seed + rank + 7919 * self.step)
+            self.loaders = [BatchLoader(self.data.train_tokens, self.model_config.block_size, cfg.batch_size,
+                                        cfg.seed + self.step, rank=loader_rank(rank, m, cfg.grad_accum),
+                                        world_size=self.world.world_size * cfg.grad_accum)
+                            for m in range(cfg.grad_accum)]
+        if self.world.main:
+            self.records = _read_metrics(self.out / METRICS_FILE, self.step)
+        self._print(f"resuming from step {self.step} in {self.out}")
+
+    def _announce(self) -> None:
+        cfg, c = self.cfg, self.model_config
+        tokens_per_step = cfg.batch_size * c.block_size * cfg.grad_accum * self.world.world_size
+        flops = self.model.flops_per_token(c.block_size)
+        self._print(
+            f"model: {self.model.num_parameters() / 1e6:.2f}M parameters "
+            f"({self.model.num_parameters(non_embedding=True) / 1e6:.2f}M non-embedding), "
+            f"{c.n_layer} layers × {c.n_head} heads × {c.n_embd} wide, context {c.block_size}, {c.positions} positions\n"
+            f"compute: {flops / 1e6:.1f} MFLOPs per token (forward + backward), "
+            f"{flops * tokens_per_step / 1e9:.1f} GFLOPs per step of {tokens_per_step} tokens\n"
+            f"data: {len(self.data.train_tokens):,} train / {len(self.data.val_tokens):,} val tokens, "
+            f"vocabulary {self.tokenizer.vocab_size}\n"
+            f"device: {self.device}, {'bfloat16 autocast' if self.amp_dtype else 'float32'}"
+            f"{', compiled' if cfg.compile else ''}, {self.world.world_size} process(es)")
+
+    def _print(self, message: str) -> None:
+        if self.world.main:
+            tqdm.write(message, file=sys.stdout)
+
+    # --------------------------------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * self.model_config.block_size * cfg.grad_accum * self.world.world_size
+        bar = tqdm(total=cfg.max_iters, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.world.main))
+        if self.step == 0:
+            self._evaluate()
+        restore_signals = self._catch_stop_signals()
+        step_time = None
+        try:
+            while self.step < cfg.max_iters:
+                started = time.perf_counter()
+                loss, grad_norm, stop = self._train_step()
+                self.step += 1
+                seconds = time.perf_counter() - started
+                step_time = seconds if step_time is None else 0.9 * step_time + 0.1 * seconds  # smoothed for display
+                if self.world.main:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}",
+                                    tok_s=f"{tokens_per_step / step_time:,.0f}", refresh=False)
+                    if self.step % cfg.log_interval == 0:
+                        self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._lr(),
+                                   "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds})
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                    self._evaluate()
+                    self._save()
+                elif stop:
+                    self._save()
+                if stop:
+                    bar.close()
+                    self._print(f"stopped at step {self.step}; checkpoint saved in {self.out}; continue with "
+                                f"`python train.py --resume --out-dir {self.out}`")
+                    raise KeyboardInterrupt
+        finally:
+            restore_signals()
+            bar.close()
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _train_step(self) -> tuple[float, float, bool]:
+        """One optimizer step; returns (mean loss, pre-clip gradient norm, whether any rank was asked to stop)."""
+        cfg = self.cfg
+        set_lr(self.optimizer, lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_iters,
+                                     cfg.lr_decay_iters or cfg.max_iters))
+        loss_sum = torch.zeros((), device=self.device)
+        for m, loader in enumerate(self.loaders):
+            x, y = (self._to_device(a) for a in loader.next_batch())
+            last = m == cfg.grad_accum - 1
+            # DDP all-reduces gradients in backward(); only the last micro-batch's backward needs to.
+            sync = contextlib.nullcontext() if last or not self.world.enabled else self.step_model.no_sync()
+            with sync:
+                with self._autocast():
+                    _, loss = self.step_model(x, y)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip)
+        # One small all-reduce per step: the mean loss for the log, and a stop request from any rank, so that
+        # all ranks leave the loop after the same step.
+        packed = torch.stack([loss_sum / cfg.grad_accum, grad_norm.to(self.device).float(),
+                              torch.tensor(float(self.stop_requested), device=self.device)])
+        if self.world.enabled:
+            dist.all_reduce(packed)
+            packed[:2] /= self.world.world_size
+        loss_value, norm_value, stop = packed.tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"the loss became non-finite (loss {loss_value}, gradient norm {norm_value}) at step "
+                                f"{self.step + 1}; the last good checkpoint is in {self.out}. Try a lower --lr, "
+                                f"a --grad-clip, or --dtype float32")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value, stop > 0
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _catch_stop_signals(self):
+        """First Ctrl-C (or SIGTERM, as a cluster sends before pre-empting): finish the step, save, stop.
+        A second Ctrl-C interrupts at once."""
+        def request_stop(signum, frame):
+            self.stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.world.main:
+                tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit now)",
+                           file=sys.stderr)
+
+        try:
+            previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: signals cannot be caught here
+            return lambda: None
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+    # ---------------------------------------------------------------------------- evaluation and saving
+    def _evaluate(self) -> None:
+        """Train and validation loss on fixed windows (rank 0 only; the others wait at their next all-reduce)."""
+        if not self.world.main:
+            return
+        cfg, T = self.cfg, self.model_config.block_size
+        byte_lengths = self.tokenizer.token_byte_lengths()
+        results = {split: evaluate_loss(self.model, tokens, T, cfg.batch_size, cfg.eval_iters, byte_lengths,
+                                        self.device, self.amp_dtype)
+                   for split, tokens in (("train", self.data.train_tokens), ("val", self.data.val_tokens))}
+        record = {"kind": "eval", "step": self.step}
+        for split, r in results.items():
+            record.update({f"{split}_loss": r["loss"], f"{split}_perplexity": r["perplexity"],
+                           f"{split}_bits_per_byte": r["bits_per_byte"]})
+        self._log(record)
+        self._print(f"step {self.step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+                    f"val perplexity {record['val_perplexity']:.2f}, val bits/byte {record['val_bits_per_byte']:.4f}")
+        plot_losses(self.records, self.out / PLOT_FILE)
+        self.new_best = record["val_loss"] < self.best_val
+        if self.new_best:
+            self.best_val = record["val_loss"]
+
+    def _save(self) -> None:
+        """Latest checkpoint (resumable) and, after an improving evaluation, best/. Collective under DDP."""
+        loader_states = [loader.state_dict() for loader in self.loaders]
+        rng_json, rng_tensors = rng_state()
+        gathered = [(loader_states, rng_json, rng_tensors)]
+        if self.world.enabled:
+            gathered = [None] * self.world.world_size
+            dist.all_gather_object(gathered, (loader_states, rng_json, {k: v.cpu() for k, v in rng_tensors.items()}))
+        if not self.world.main:
+            return
+        config = {"model": self.model_config.to_dict(),
+                  "train": {k: v for k, v in self.cfg.to_dict().items() if k != "model"},
+                  "step": self.step, "tokenizer_checksum": self.tokenizer.checksum}
+        state = {"step": self.step, "best_val_loss": self.best_val, "world_size": self.world.world_size,
+                 "grad_accum": self.cfg.grad_accum,
+                 "loaders": [s for states, _, _ in gathered for s in states],
+                 "rng": [j for _, j, _ in gathered]}
+        tensors = {f"rng.{r}.{k}": v for r, (_, _, ts) in enumerate(gathered) for k, v in ts.items()}
+        save_checkpoint(self.out, self.model, self.tokenizer, config, self.optimizer, state, tensors)
+        if self.new_best:
+            save_checkpoint(self.out / BEST_DIR, self.model, self.tokenizer, config)
+            self.new_best = False
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def loader_rank(rank: int, micro_step: int, grad_accum: int) -> int:
+    """The data shard of (process `rank`, micro-step): shards are numbered process-major."""
+    return rank * grad_accum + micro_step
+
+
+def _check_same_model(saved: dict[str, Any], wanted: GPTConfig, tokenizer_checksum: str, out: Path) -> None:
+    """--resume must rebuild the very network that was saved (dropout may change: it is not part of the shape)."""
+    have = GPTConfig.from_dict(saved["model"]).to_dict()
+    differ = [f"{k}={have[k]!r} (asked: {v!r})" for k, v in wanted.to_dict().items() if k != "dropout" and have[k] != v]
+    if differ:
+        raise CheckpointError(f"the checkpoint in {out} has a different model: {', '.join(differ)}; resume with "
+                              f"the same model settings, or train a new model in another --out-dir")
+    if saved.get("tokenizer_checksum") not in (None, tokenizer_checksum):
+        raise CheckpointError(f"the tokenizer in use differs from the one the checkpoint in {out} was trained with; "
+                              f"resume without --tokenizer")
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """Records of a resumed run up to its checkpoint; later ones (written before a kill) are dropped from the file."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("step", math.inf) <= up_to_step:
+                records.append(record)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+    return records

@@ -1,0 +1,114 @@
+"""Train a GPT from a text corpus: `python train.py` runs the offline default corpus end to end on a CPU.
+
+Every field of TrainConfig and GPTConfig is a flag (`--n-layer 6`, `--compile/--no-compile`); `--config FILE`
+(TOML or JSON, flat keys named like the fields) sets values that flags then override. With `--resume`, settings
+not given again are those the checkpoint was trained with. Several processes: `torchrun --nproc_per_node=K
+train.py ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tomllib
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+from minigpt.config import GPTConfig, TrainConfig
+from minigpt.errors import ConfigError, run_cli
+
+# The model's vocabulary size comes from the tokenizer (--vocab-size sets the tokenizer's).
+DERIVED_MODEL_FIELDS = ("vocab_size",)
+
+
+def _settable_fields() -> list[tuple[type, Any]]:
+    """(owner, field) for every flag: TrainConfig's fields, then GPTConfig's, with the nested `model` left out."""
+    model_fields = [(GPTConfig, f) for f in fields(GPTConfig) if f.name not in DERIVED_MODEL_FIELDS]
+    return [(TrainConfig, f) for f in fields(TrainConfig) if f.name != "model"] + model_fields
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a ConfigError: one line on stderr, like every other user error."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see `python train.py --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description=__doc__.split("\n\n")[0],
+                                     argument_default=argparse.SUPPRESS)  # only flags given on the command line
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (flags override it)")
+    defaults = TrainConfig()
+    for owner, f in _settable_fields():
+        hint = get_type_hints(owner)[f.name]
+        kind = next((t for t in get_args(hint) if t is not type(None)), hint)
+        default = getattr(defaults.model if owner is GPTConfig else defaults, f.name)
+        help_text = f"{f.metadata.get('help', f'model setting {f.name}')} (default: {default})"
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, metavar=kind.__name__.upper(), help=help_text)
+    return parser
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Flat settings from a .toml or .json file; keys may use - or _."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        values = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if file.suffix == '.json' else 'TOML'}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    known = {f.name for _, f in _settable_fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {path}; see `python train.py --help`")
+    return values
+
+
+def make_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults < the checkpoint's settings (with --resume) < --config file < flags."""
+    given = vars(build_parser().parse_args(argv))
+    config_file = given.pop("config", None)
+    values = read_config_file(config_file) if config_file else {}
+    values.update(given)
+    if values.get("resume"):
+        values = {**_checkpoint_settings(values.get("out_dir", TrainConfig().out_dir)), **values}
+    model_names = {f.name for f in fields(GPTConfig)} - set(DERIVED_MODEL_FIELDS)
+    model = {k: v for k, v in values.items() if k in model_names}
+    train = {k: v for k, v in values.items() if k not in model_names}
+    return TrainConfig(model=GPTConfig(**{**TrainConfig().model.to_dict(), **model}), **train)
+
+
+def _checkpoint_settings(out_dir: str) -> dict[str, Any]:
+    """The settings a checkpoint was trained with (its location and run-control flags excluded)."""
+    from minigpt.checkpoint import read_config  # imports torch: only when resuming
+
+    saved = read_config(out_dir)
+    settings = {k: v for k, v in saved.get("train", {}).items()
+                if k in TrainConfig.__dataclass_fields__ and k not in ("out_dir", "resume", "overwrite")}
+    settings.update({k: v for k, v in saved["model"].items() if k not in DERIVED_MODEL_FIELDS})
+    return settings
+
+
+def main() -> int:
+    cfg = make_config()
+    from minigpt.trainer import train  # torch is imported only once the settings are known to be valid
+
+    out = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"\ncheckpoint: {out}/ (best validation loss: {out}/best/)\n"
+              f"sample from it: python sample.py --out-dir {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
