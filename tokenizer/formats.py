@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -181,6 +182,15 @@ def _merge_below(token: bytes, ranks: dict[bytes, int], limit: int) -> list[byte
     return parts
 
 
+def oniguruma_pattern(pattern: str) -> str:
+    """Rewrite our regex for Hugging Face's engine (Oniguruma, Ruby syntax), which reads ``x{1,3}+`` as
+    ``(?:x{1,3})+`` rather than as a possessive ``x{1,3}``. Dropping the ``+`` restores the meaning for our
+    patterns, where nothing follows the bounded repeat inside its alternative (so possessive == greedy).
+    ``?+``, ``*+`` and ``++`` are possessive in both engines and stay as they are.
+    """
+    return re.sub(r"(?<!\\)(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
+
+
 def save_huggingface(tok: "Tokenizer", path: PathLike) -> None:
     """Write a ``tokenizer.json`` for Hugging Face ``tokenizers`` that reproduces our ids.
 
@@ -205,7 +215,8 @@ def save_huggingface(tok: "Tokenizer", path: PathLike) -> None:
         ],
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": oniguruma_pattern(tok.pattern)}, "behavior": "Isolated",
+             "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
         ]},
         "post_processor": None,

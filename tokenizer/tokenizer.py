@@ -300,38 +300,43 @@ def _merge_short(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
 def _merge_long(piece: bytes, ranks: dict[bytes, int], max_len: int) -> list[int]:
     """Same result as :func:`_merge_short` in O(n log n): a heap of candidate joins over a linked list of parts.
 
-    Part ``i`` covers ``piece[i:end[i]]``; the part after it starts at ``end[i]``. A heap entry
-    ``(rank, i, mid, stop)`` proposes joining part ``i..mid`` with part ``mid..stop``; it is stale (skipped)
-    when either part changed since it was pushed. Heap order (rank, then position) is the short loop's order.
+    Part ``i`` covers ``piece[i:end[i]]``, and the next part starts at ``end[i]``. ``pending[i]`` is the rank of
+    joining part ``i`` with the next one (None: not a token). The heap holds ``rank * n + i``, so it pops the
+    lowest rank, leftmost first, which is the short loop's order. An entry is stale when ``pending[i]`` has
+    changed since: a pair only ever grows, so its rank never returns to an old value.
     """
     n = len(piece)
     end = list(range(1, n + 1))
     prev = list(range(-1, n - 1))
     get = ranks.get
-    heap = []
-    for i in range(n - 1):
-        r = get(piece[i:i + 2])
-        if r is not None:
-            heap.append((r, i, i + 1, i + 2))
+    pending = [get(piece[i:i + 2]) for i in range(n - 1)] + [None]
+    heap = [r * n + i for i, r in enumerate(pending) if r is not None]
     heapq.heapify(heap)
+    pop, push = heapq.heappop, heapq.heappush
     while heap:
-        _, i, mid, stop = heapq.heappop(heap)
-        if end[i] != mid or end[mid] != stop:
+        key = pop(heap)
+        i = key % n
+        if pending[i] != key // n:
             continue
+        mid = end[i]
+        stop = end[mid]
         end[i] = stop
-        end[mid] = -1
+        pending[mid] = None
+        r = None
         if stop < n:
             prev[stop] = i
             nxt = end[stop]
             if nxt - i <= max_len:
                 r = get(piece[i:nxt])
                 if r is not None:
-                    heapq.heappush(heap, (r, i, stop, nxt))
+                    push(heap, r * n + i)
+        pending[i] = r
         p = prev[i]
-        if p >= 0 and stop - p <= max_len:
-            r = get(piece[p:stop])
+        if p >= 0:
+            r = get(piece[p:stop]) if stop - p <= max_len else None
+            pending[p] = r
             if r is not None:
-                heapq.heappush(heap, (r, p, i, stop))
+                push(heap, r * n + p)
     out = []
     i = 0
     while i < n:

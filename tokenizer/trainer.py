@@ -28,7 +28,7 @@ import heapq
 import multiprocessing
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Union
 
 from tqdm.auto import tqdm
@@ -39,6 +39,9 @@ from .patterns import compile_pattern
 TIE_BREAK = "highest pair count first; ties: smallest (left_id, right_id) pair"
 
 Symbol = Union[bytes, str]
+
+# A pair (left, right) of symbol ids is the int left * PAIR + right (ids stay below 2**32).
+PAIR = 1 << 32
 
 # Texts are counted in batches of about this many characters (one unit of work for a counting process).
 BATCH_CHARS = 1 << 20
@@ -56,31 +59,35 @@ def learn_merges(
     ``vocab`` maps symbol id -> content (bytes for byte-level BPE, or str to run the textbook example with
     characters as symbols); new merged symbols are appended to it. Stops early when no pair occurs at least
     ``min_frequency`` times. Returns the merges in order as ``(left_id, right_id, merged_id)``.
+
+    A pair ``(left, right)`` is stored as the int ``left * PAIR + right`` (cheaper to hash than a tuple, and
+    it orders exactly like the tuple, which is the tie-break).
     """
     pieces = [list(w) for w in words]
     counts = list(words.values())
-    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    pair_counts: dict[int, int] = defaultdict(int)
+    where: dict[int, set[int]] = defaultdict(set)
     for i, (symbols, count) in enumerate(zip(pieces, counts)):
-        for pair in zip(symbols, symbols[1:]):
-            pair_counts[pair] += count
-            where[pair].add(i)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
+        for left, right in zip(symbols, symbols[1:]):
+            key = left * PAIR + right
+            pair_counts[key] += count
+            where[key].add(i)
+    heap = [(-count, key) for key, count in pair_counts.items()]
     heapq.heapify(heap)
     index = {symbol: i for i, symbol in enumerate(vocab)}
 
     merges: list[tuple[int, int, int]] = []
     bar = tqdm(total=max(vocab_size - len(vocab), 0), desc="merges", unit="tok", disable=not progress)
     while len(vocab) < vocab_size and heap:
-        neg_count, pair = heapq.heappop(heap)
-        count = pair_counts.get(pair, 0)
+        neg_count, key = heapq.heappop(heap)
+        count = pair_counts.get(key, 0)
         if count != -neg_count:  # stale entry: re-queue with the current count (if the pair still exists)
             if count > 0:
-                heapq.heappush(heap, (-count, pair))
+                heapq.heappush(heap, (-count, key))
             continue
         if count < min_frequency:
             break
-        left, right = pair
+        left, right = divmod(key, PAIR)
         content = vocab[left] + vocab[right]
         merged = index.get(content)
         if merged is None:
@@ -90,41 +97,40 @@ def learn_merges(
             bar.update(1)
         merges.append((left, right, merged))
 
-        grown: set[tuple[int, int]] = set()
-        for i in where.pop(pair):
-            old = pieces[i]
-            new = merge_pair(old, left, right, merged)
-            if len(new) == len(old):  # stale membership: the pair left this piece in an earlier merge
-                continue
-            pieces[i] = new
-            count_i = counts[i]
-            for p in zip(old, old[1:]):
-                pair_counts[p] -= count_i
-            for p in zip(new, new[1:]):
-                pair_counts[p] += count_i
-                if merged in p:
-                    where[p].add(i)
-                    grown.add(p)
-        # Only pairs that contain the new symbol can have grown; every other count only went down (lazily fixed).
-        for p in grown:
-            heapq.heappush(heap, (-pair_counts[p], p))
-        pair_counts.pop(pair, None)
+        # Rewrite only the pieces that contain the pair. Around each join "x left right y" -> "x merged y",
+        # the pairs (x, left) and (right, y) lose the piece's count and (x, merged), (merged, y) gain it.
+        grown: set[int] = set()
+        for i in where.pop(key):
+            symbols, count_i = pieces[i], counts[i]
+            k = 0
+            while True:
+                try:
+                    k = symbols.index(left, k)
+                except ValueError:
+                    break
+                if k + 1 < len(symbols) and symbols[k + 1] == right:
+                    if k > 0:
+                        x = symbols[k - 1]
+                        pair_counts[x * PAIR + left] -= count_i
+                        new = x * PAIR + merged
+                        pair_counts[new] += count_i
+                        where[new].add(i)
+                        grown.add(new)
+                    if k + 2 < len(symbols):
+                        y = symbols[k + 2]
+                        pair_counts[right * PAIR + y] -= count_i
+                        new = merged * PAIR + y
+                        pair_counts[new] += count_i
+                        where[new].add(i)
+                        grown.add(new)
+                    symbols[k:k + 2] = [merged]
+                k += 1
+        del pair_counts[key]
+        # Only pairs that contain the new symbol grew; the others only shrank (fixed lazily when popped).
+        for new in grown:
+            heapq.heappush(heap, (-pair_counts[new], new))
     bar.close()
     return merges
-
-
-def merge_pair(symbols: Sequence[int], left: int, right: int, merged: int) -> list[int]:
-    """Replace every non-overlapping (left, right) in ``symbols``, scanning left to right, with ``merged``."""
-    out: list[int] = []
-    i, n = 0, len(symbols)
-    while i < n:
-        if i + 1 < n and symbols[i] == left and symbols[i + 1] == right:
-            out.append(merged)
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return out
 
 
 def iter_text_chunks(text: str, max_chars: int = BATCH_CHARS) -> Iterator[str]:
