@@ -1,0 +1,364 @@
+"""From a corpus to token files: train (or load) the tokenizer, split by document, encode in parallel, store.
+
+A prepared-data folder, `<cache_dir>/<source name>-<fingerprint>/`, holds
+
+- `train.bin`, `val.bin`: the token ids, raw little-endian uint16 when the vocabulary has at most 65536 ids,
+  else uint32, read back as numpy memmaps (no copy in RAM, shared by every process of a run);
+- `tokenizer.json`: the tokenizer that made them;
+- `meta.json`: the header (`format` "minigpt-tokens", `version`, `vocab_size`, `dtype`, `eot_id`, `tokens`,
+  `bytes` and `documents` per split, `tokenizer_checksum`, `source`, `fingerprint`, and the settings).
+
+The split is by document: document i (0-based, in corpus order) is held out for validation when
+floor((i + 1) * val_fraction) > floor(i * val_fraction), which spreads exactly floor(n * val_fraction) of the first
+n documents evenly through the corpus, the same way on every run. If that leaves validation empty (a corpus of
+fewer than 1 / val_fraction documents) the last document is held out; a corpus of a single document is cut at the
+line end nearest (1 - val_fraction) of its length, its head to train and its tail to validate.
+
+Each document is preceded by the end-of-text token (when the tokenizer has one), so a split reads
+EOT d0 EOT d1 ...: its documents joined with EOT, and every document, the first too, follows an EOT, which is the
+prompt for unconditional sampling. A literal "<|endoftext|>" inside a document is encoded as ordinary text.
+
+Memory stays bounded on corpora larger than RAM: documents stream from the source, are encoded in chunks of about
+1 MiB by a pool of processes with at most 2 chunks per process in flight, and are appended to the files as they
+come back. The folder is built under a temporary name and renamed into place only when complete, so an
+interrupted preparation never leaves a folder that looks valid.
+
+The folder's name holds a fingerprint of everything that decides its content: the source's identity (file paths,
+sizes and modification times, or the dataset's name, config, split and field), max_bytes, val_fraction, the
+errors mode, and the tokenizer (the checksum of a given one, or the settings to train one). The same call again
+reuses the folder without reading the corpus; a changed input makes a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.errors import DataError
+from data.sources import Source, open_source
+from tokenizer import Tokenizer, pattern_from_name
+
+FORMAT = "minigpt-tokens"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+EOT = "<|endoftext|>"
+# The tokenizer is trained on at most this many bytes of training text (the first documents of the train split):
+# the default corpus fits whole (about 6 s), and a corpus of many GB still gets its merges in seconds, close to
+# those that all of it would give.
+DEFAULT_TOKENIZER_MAX_BYTES = 16_000_000
+ENCODE_CHUNK_BYTES = 1 << 20  # documents are sent to the encoding processes in chunks of about this much text
+
+
+@dataclass
+class PreparedData:
+    """A prepared-data folder, opened: the tokenizer and the token memmaps of both splits."""
+
+    dir: Path
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    meta: dict
+    train_tokens: np.memmap
+    val_tokens: np.memmap
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every id: uint16 up to 65536 ids, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def prepare_data(
+    source: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike = "out/data",
+    *,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    text_field: str = "text",
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
+    vocab_size: int = 4096,
+    pattern: str = "gpt4",
+    val_fraction: float = 0.05,
+    max_bytes: int | None = None,
+    num_proc: int | None = None,
+    progress: bool = True,
+    split: str = "train",
+    errors: str = "strict",
+    tokenizer_max_bytes: int | None = DEFAULT_TOKENIZER_MAX_BYTES,
+) -> PreparedData:
+    """Prepare `source` (default: the offline corpus) under `cache_dir`, or reuse an earlier preparation.
+
+    tokenizer: a tokenizer JSON path (or Tokenizer) to encode with; None trains one on the training split with
+        `vocab_size` and `pattern` ("gpt2", "gpt4" or a regex) on at most `tokenizer_max_bytes` of text (None: all).
+    max_bytes: use only the first max_bytes of UTF-8 text of the corpus (the last document cut at a line end).
+    errors: "strict" stops at the first byte that is not UTF-8; "replace" reads it as U+FFFD.
+    num_proc: encoding processes (None: one per CPU core; small corpora use one).
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    for name, value in [("max_bytes", max_bytes), ("tokenizer_max_bytes", tokenizer_max_bytes)]:
+        if value is not None and value <= 0:
+            raise DataError(f"{name} must be a positive number of bytes, or None for no limit; got {value}")
+    src = open_source(source, dataset=dataset, dataset_config=dataset_config, split=split, text_field=text_field)
+    given = _as_tokenizer(tokenizer)
+    if given is not None:
+        tokenizer_settings: dict = {"checksum": given.checksum}
+    else:
+        tokenizer_settings = {"vocab_size": vocab_size, "pattern": pattern_from_name(pattern),
+                              "special_tokens": [EOT], "max_bytes": tokenizer_max_bytes}
+    settings = {"format_version": FORMAT_VERSION, "source": src.identity(), "max_bytes": max_bytes,
+                "val_fraction": val_fraction, "errors": errors, "tokenizer": tokenizer_settings}
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    folder = Path(cache_dir) / f"{src.name}-{fingerprint[:12]}"
+
+    if (folder / META_FILE).is_file():
+        prepared = load_prepared(folder, expected_checksum=given.checksum if given else None)
+        tokens = prepared.meta["tokens"]
+        print(f"reusing prepared data in {folder} ({tokens['train']:,} train + {tokens['val']:,} val tokens); "
+              f"delete that folder to prepare it again")
+        return prepared
+
+    print(f"preparing {src.description} into {folder}")
+    _build(folder, src, given, settings, fingerprint, num_proc, progress)
+    prepared = load_prepared(folder)
+    meta = prepared.meta
+    print(f"prepared {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
+          f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, {meta['dtype']})")
+    return prepared
+
+
+def load_prepared(folder: str | os.PathLike, expected_checksum: str | None = None) -> PreparedData:
+    """Open a prepared-data folder, checking that it is complete and made by the expected tokenizer."""
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{folder} holds no prepared data (no {META_FILE}); run the preparation again") from None
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{meta_path} is not valid JSON; delete {folder} and prepare the data again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise DataError(f"{meta_path} is not {FORMAT} version {FORMAT_VERSION} data; delete {folder} and "
+                        f"prepare the data again")
+    tokenizer_path = folder / TOKENIZER_FILE
+    tok = Tokenizer.load(tokenizer_path)
+    data_checksum = str(meta.get("tokenizer_checksum"))
+    if tok.checksum != data_checksum:
+        raise DataError(f"{tokenizer_path} is not the tokenizer these tokens were made with (checksum "
+                        f"{tok.checksum[:12]}, data {data_checksum[:12]}); delete {folder} and "
+                        f"prepare the data again")
+    if expected_checksum is not None and expected_checksum != data_checksum:
+        raise DataError(f"the data in {folder} was made with another tokenizer (checksum "
+                        f"{data_checksum[:12]}, the one in use is {expected_checksum[:12]}); "
+                        f"prepare the data with the tokenizer in use, or use the tokenizer.json of that folder")
+    try:
+        dtype = np.dtype(meta["dtype"])
+        expected_sizes = {split: int(meta["tokens"][split]) * dtype.itemsize for split in SPLITS}
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{meta_path} lacks the dtype or token counts; delete {folder} and prepare the data "
+                        f"again") from None
+    tokens = {}
+    for split, expected in expected_sizes.items():
+        path = folder / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != expected:
+            raise DataError(f"{path} is missing or truncated (expected {expected} bytes); delete {folder} and "
+                            f"prepare the data again")
+        tokens[split] = np.memmap(path, dtype=dtype, mode="r")
+    return PreparedData(folder, tok, tokenizer_path, meta, tokens["train"], tokens["val"])
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def _as_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer | None:
+    if tokenizer is None or isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    path = Path(tokenizer)
+    if not path.is_file():
+        raise DataError(f"no tokenizer file {path}; pass a tokenizer JSON, or none to train one on the data")
+    return Tokenizer.load(path)
+
+
+def _build(folder: Path, src: Source, given: Tokenizer | None, settings: dict, fingerprint: str,
+           num_proc: int | None, progress: bool) -> None:
+    """Write the whole folder under a temporary name, then rename it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        def split_documents() -> Iterator[tuple[str, str]]:
+            return _split(_capped(src.documents(settings["errors"]), settings["max_bytes"]),
+                          settings["val_fraction"])
+
+        tok = given if given is not None else _train_tokenizer(split_documents(), settings["tokenizer"],
+                                                               num_proc, progress)
+        tok.save(tmp / TOKENIZER_FILE)
+        dtype = token_dtype(tok.vocab_size)
+        total = src.total_bytes
+        if settings["max_bytes"] is not None:
+            total = min(total, settings["max_bytes"]) if total is not None else settings["max_bytes"]
+        procs = max(1, min(num_proc or _cpu_count(), (total or 1 << 62) // ENCODE_CHUNK_BYTES))
+        counts = {key: dict.fromkeys(SPLITS, 0) for key in ("tokens", "bytes", "documents")}
+        files = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, desc="encoding", disable=not progress) as bar:
+                chunks = _encode_chunks(_chunk(split_documents()), tok, tmp / TOKENIZER_FILE, procs, dtype)
+                for split, ids, n_bytes, n_docs in chunks:
+                    files[split].write(ids.tobytes())
+                    counts["tokens"][split] += len(ids)
+                    counts["bytes"][split] += n_bytes
+                    counts["documents"][split] += n_docs
+                    bar.update(n_bytes)
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            for f in files.values():
+                f.close()
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "vocab_size": tok.vocab_size, "dtype": dtype.name,
+                "eot_id": tok.eot_id, **counts, "tokenizer_checksum": tok.checksum, "tokenizer_file": TOKENIZER_FILE,
+                "source": src.description, "fingerprint": fingerprint, "val_fraction": settings["val_fraction"],
+                "max_bytes": settings["max_bytes"], "errors": settings["errors"]}
+        with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same preparation first: theirs is as good as ours
+            if not (folder / META_FILE).is_file():
+                raise DataError(f"{folder} exists but holds no complete prepared data; delete it and try again")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _cpu_count() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _train_tokenizer(split_docs: Iterator[tuple[str, str]], tokenizer_settings: dict, num_proc: int | None,
+                     progress: bool) -> Tokenizer:
+    train_docs = (doc for split, doc in split_docs if split == "train")
+    return Tokenizer.train(_capped(train_docs, tokenizer_settings["max_bytes"]),
+                           vocab_size=tokenizer_settings["vocab_size"], pattern=tokenizer_settings["pattern"],
+                           special_tokens=tokenizer_settings["special_tokens"], progress=progress,
+                           num_proc=num_proc)
+
+
+def _capped(docs: Iterable[str], max_bytes: int | None) -> Iterator[str]:
+    """The documents up to max_bytes of UTF-8 in all; the one that crosses the limit is cut at a line end."""
+    if max_bytes is None:
+        yield from docs
+        return
+    left = max_bytes
+    for doc in docs:
+        size = len(doc.encode("utf-8"))
+        if size == left:
+            yield doc
+            return
+        if size > left:
+            head = doc.encode("utf-8")[:left].decode("utf-8", "ignore")
+            line_end = head.rfind("\n")
+            head = head[:line_end + 1] if 0 <= line_end < len(head) - 1 else head
+            if head:
+                yield head
+            return
+        left -= size
+        yield doc
+
+
+def _split(docs: Iterable[str], val_fraction: float) -> Iterator[tuple[str, str]]:
+    """Label each document "train" or "val" (the rule is in the module docstring). Looks one document ahead, so
+    that it can hold out the last one when the rule held out none."""
+    held: tuple[str, str] | None = None
+    count, val_seen = 0, False
+    for doc in docs:
+        if held is not None:
+            val_seen |= held[0] == "val"
+            yield held
+        held = ("val" if int((count + 1) * val_fraction) > int(count * val_fraction) else "train", doc)
+        count += 1
+    if held is None:
+        raise DataError("the corpus has no text (no non-empty documents); point --data at your text")
+    if count == 1:
+        yield from _split_single(held[1], val_fraction)
+    else:
+        yield ("val" if not val_seen else held[0]), held[1]
+
+
+def _split_single(doc: str, val_fraction: float) -> Iterator[tuple[str, str]]:
+    target = int(len(doc) * (1 - val_fraction))
+    cut = doc.rfind("\n", 0, target) + 1 or doc.find("\n", target) + 1
+    if not 0 < cut < len(doc):
+        raise DataError("the corpus is a single document with no line break to split at, so nothing can be held "
+                        "out for validation; give it more text: several files, or lines of a .jsonl")
+    yield "train", doc[:cut]
+    yield "val", doc[cut:]
+
+
+def _chunk(split_docs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """Group consecutive documents of the same split into chunks of about ENCODE_CHUNK_BYTES characters."""
+    split, docs, size = None, [], 0
+    for doc_split, doc in split_docs:
+        if docs and (doc_split != split or size >= ENCODE_CHUNK_BYTES):
+            yield split, docs
+            docs, size = [], 0
+        split = doc_split
+        docs.append(doc)
+        size += len(doc)
+    if docs:
+        yield split, docs
+
+
+_worker_tokenizer: Tokenizer | None = None  # each encoding process loads the tokenizer once
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.load(tokenizer_path)
+
+
+def _encode_docs(docs: list[str], dtype: np.dtype, tok: Tokenizer | None = None) -> tuple[np.ndarray, int]:
+    """Token ids of the documents, each preceded by EOT, and the UTF-8 bytes they came from."""
+    tok = tok or _worker_tokenizer
+    ids: list[int] = []
+    for doc in docs:
+        if tok.eot_id is not None:
+            ids.append(tok.eot_id)
+        ids += tok.encode_ordinary(doc)
+    return np.array(ids, dtype=dtype), sum(len(doc.encode("utf-8")) for doc in docs)
+
+
+def _encode_chunks(chunks: Iterable[tuple[str, list[str]]], tok: Tokenizer, tokenizer_path: Path, num_proc: int,
+                   dtype: np.dtype) -> Iterator[tuple[str, np.ndarray, int, int]]:
+    """(split, ids, bytes, documents) per chunk, in corpus order; with num_proc > 1 encoded by a process pool
+    that is fed at most 2 chunks per process ahead of the writer, so memory stays bounded."""
+    if num_proc == 1:
+        for split, docs in chunks:
+            yield split, *_encode_docs(docs, dtype, tok), len(docs)
+        return
+    # spawn: a fresh interpreter per worker is safe whatever threads the parent runs (tqdm, datasets)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+        pending: deque = deque()
+        for split, docs in chunks:
+            pending.append((split, len(docs), pool.apply_async(_encode_docs, (docs, dtype))))
+            if len(pending) >= 2 * num_proc:
+                split, n_docs, result = pending.popleft()
+                yield split, *result.get(), n_docs
+        while pending:
+            split, n_docs, result = pending.popleft()
+            yield split, *result.get(), n_docs

@@ -1,0 +1,227 @@
+"""data.prepare: tokens round-trip, the split, dtypes, reuse, checksums, atomicity, caps."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data import DataError
+from data import prepare as prep
+from data.prepare import load_prepared, prepare_data, token_dtype
+from tokenizer import Tokenizer
+
+WORDS = "the quick brown fox jumps over a lazy dog while naïve café owners count 123 456 €".split()
+
+
+def make_corpus(folder: Path, n_docs: int, marker_every: int = 0) -> list[str]:
+    """n_docs small files with varied text; returns the documents in the order the folder is read (sorted)."""
+    rng = np.random.default_rng(n_docs)
+    docs = []
+    for i in range(n_docs):
+        words = rng.choice(WORDS, size=int(rng.integers(5, 40)))
+        text = f"Document {i}.\n" + " ".join(words) + "\n"
+        if i == 3:
+            text += "a literal <|endoftext|> in the text\n"
+        docs.append(text)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"doc{i:03d}.txt").write_text(text, encoding="utf-8")
+    return docs
+
+
+def held_out(n_docs: int, val_fraction: float) -> list[int]:
+    """The documented rule, spelled out slowly: among the first n documents, floor(n * f) are held out."""
+    return [i for i in range(n_docs) if np.floor((i + 1) * val_fraction) > np.floor(i * val_fraction)]
+
+
+def split_at_eot(tokens: np.ndarray, tok: Tokenizer) -> list[str]:
+    """Decode a split document by document; each document is preceded by EOT."""
+    ids = tokens.tolist()
+    starts = [k for k, t in enumerate(ids) if t == tok.eot_id]
+    assert starts and starts[0] == 0
+    return [tok.decode(ids[a + 1:b]) for a, b in zip(starts, starts[1:] + [len(ids)])]
+
+
+def prepare(source, cache, **kwargs):
+    kwargs = {"vocab_size": 300, "num_proc": 1, "progress": False, **kwargs}
+    return prepare_data(str(source), cache, **kwargs)
+
+
+def test_tokens_round_trip_and_split_by_whole_documents(tmp_path):
+    docs = make_corpus(tmp_path / "corpus", 30)
+    data = prepare(tmp_path / "corpus", tmp_path / "cache", val_fraction=0.1)
+    val_ids = held_out(30, 0.1)
+    assert val_ids == [9, 19, 29]
+    train_docs = [d for i, d in enumerate(docs) if i not in val_ids]
+    val_docs = [docs[i] for i in val_ids]
+    tok = data.tokenizer
+    # EOT only between documents: the literal "<|endoftext|>" of document 3 stays ordinary text
+    assert split_at_eot(data.train_tokens, tok) == train_docs
+    assert split_at_eot(data.val_tokens, tok) == val_docs
+    eot = tok.decode([tok.eot_id])
+    assert tok.decode(data.train_tokens.tolist()) == "".join(eot + d for d in train_docs)
+    meta = data.meta
+    assert meta["tokens"] == {"train": len(data.train_tokens), "val": len(data.val_tokens)}
+    assert meta["bytes"] == {"train": sum(len(d.encode()) for d in train_docs),
+                             "val": sum(len(d.encode()) for d in val_docs)}
+    assert meta["documents"] == {"train": 27, "val": 3}
+    assert meta["vocab_size"] == tok.vocab_size == 300 and meta["eot_id"] == tok.eot_id
+    assert meta["tokenizer_checksum"] == tok.checksum
+    assert data.train_tokens.dtype == np.uint16 and isinstance(data.train_tokens, np.memmap)
+    assert json.loads((data.dir / "meta.json").read_text()) == meta
+    assert Tokenizer.load(data.tokenizer_path) == tok
+
+
+def test_split_is_deterministic_and_parallel_encoding_matches(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "corpus", 40)
+    one = prepare(tmp_path / "corpus", tmp_path / "a")
+    monkeypatch.setattr(prep, "ENCODE_CHUNK_BYTES", 300)  # many chunks, so that two processes share the work
+    two = prepare(tmp_path / "corpus", tmp_path / "b", num_proc=2)
+    assert one.dir.name == two.dir.name
+    assert one.tokenizer.checksum == two.tokenizer.checksum
+    assert np.array_equal(one.train_tokens, two.train_tokens)
+    assert np.array_equal(one.val_tokens, two.val_tokens)
+
+
+def test_tiny_corpora_always_get_a_validation_document(tmp_path):
+    docs = make_corpus(tmp_path / "three", 3)  # the rule holds out nothing of 3 at 5%: the last one is held out
+    data = prepare(tmp_path / "three", tmp_path / "cache")
+    assert split_at_eot(data.val_tokens, data.tokenizer) == [docs[2]]
+    assert split_at_eot(data.train_tokens, data.tokenizer) == docs[:2]
+    single = tmp_path / "single.txt"
+    lines = [f"line {i} of the only document\n" for i in range(40)]
+    single.write_text("".join(lines))
+    data = prepare(single, tmp_path / "cache")  # one document: its tail, cut at a line end, validates
+    train, val = (split_at_eot(t, data.tokenizer) for t in (data.train_tokens, data.val_tokens))
+    assert train[0] + val[0] == "".join(lines) and val[0] == "".join(lines[-2:])
+    one_line = tmp_path / "one-line.txt"
+    one_line.write_text("no line break in this whole corpus")
+    with pytest.raises(DataError, match="single document with no line break"):
+        prepare(one_line, tmp_path / "cache")
+
+
+def test_dtype_is_uint16_up_to_65536_ids_else_uint32(tmp_path, monkeypatch):
+    assert token_dtype(300) == token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == token_dtype(200_000) == np.uint32
+    make_corpus(tmp_path / "corpus", 10)
+    small = prepare(tmp_path / "corpus", tmp_path / "a")
+    monkeypatch.setattr(prep, "token_dtype", lambda vocab_size: np.dtype(np.uint32))  # as for a huge vocabulary
+    wide = prepare(tmp_path / "corpus", tmp_path / "b")
+    assert wide.meta["dtype"] == "uint32" and wide.train_tokens.dtype == np.uint32
+    assert (wide.dir / "train.bin").stat().st_size == 4 * len(wide.train_tokens)
+    assert np.array_equal(wide.train_tokens, small.train_tokens)
+
+
+def test_second_call_reuses_without_encoding(tmp_path, monkeypatch, capsys):
+    make_corpus(tmp_path / "corpus", 12)
+    first = prepare(tmp_path / "corpus", tmp_path / "cache")
+    stamp = (first.dir / "train.bin").stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the corpus was encoded again")
+
+    monkeypatch.setattr(prep, "_encode_chunks", fail)
+    monkeypatch.setattr(prep, "_train_tokenizer", fail)
+    capsys.readouterr()
+    again = prepare(tmp_path / "corpus", tmp_path / "cache")
+    assert "reusing prepared data in" in capsys.readouterr().out
+    assert again.dir == first.dir and (again.dir / "train.bin").stat().st_mtime_ns == stamp
+    assert np.array_equal(again.train_tokens, first.train_tokens)
+    # a given tokenizer file is part of the fingerprint through its checksum
+    monkeypatch.undo()
+    given = prepare(tmp_path / "corpus", tmp_path / "cache", tokenizer=first.tokenizer_path)
+    assert given.dir != first.dir and given.tokenizer.checksum == first.tokenizer.checksum
+    assert np.array_equal(given.train_tokens, first.train_tokens)
+    # changed settings or a changed file make a new folder
+    assert prepare(tmp_path / "corpus", tmp_path / "cache", val_fraction=0.2).dir != first.dir
+    (tmp_path / "corpus" / "doc000.txt").write_text("changed text\n")
+    assert prepare(tmp_path / "corpus", tmp_path / "cache").dir != first.dir
+
+
+def test_mismatched_tokenizer_checksum_is_refused(tmp_path):
+    make_corpus(tmp_path / "corpus", 12)
+    data = prepare(tmp_path / "corpus", tmp_path / "cache")
+    with pytest.raises(DataError, match="made with another tokenizer"):
+        load_prepared(data.dir, expected_checksum="0" * 64)
+    other = Tokenizer.train(["some other text entirely"] * 3, vocab_size=280, progress=False)
+    other.save(data.tokenizer_path)  # the folder's tokenizer no longer matches its tokens
+    with pytest.raises(DataError, match="is not the tokenizer these tokens were made with"):
+        prepare(tmp_path / "corpus", tmp_path / "cache")
+
+
+def test_interrupted_preparation_leaves_nothing(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "corpus", 12)
+    real = prep._encode_chunks
+
+    def interrupted(*args, **kwargs):
+        for k, chunk in enumerate(real(*args, **kwargs)):
+            if k == 1:
+                raise KeyboardInterrupt
+            yield chunk
+
+    monkeypatch.setattr(prep, "ENCODE_CHUNK_BYTES", 100)
+    monkeypatch.setattr(prep, "_encode_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "corpus", tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # no folder, not even a temporary one
+    monkeypatch.undo()
+    assert prepare(tmp_path / "corpus", tmp_path / "cache").meta["documents"]["train"] > 0
+
+
+def test_truncated_or_garbled_folder_is_refused(tmp_path):
+    make_corpus(tmp_path / "corpus", 12)
+    data = prepare(tmp_path / "corpus", tmp_path / "cache")
+    with open(data.dir / "val.bin", "r+b") as f:
+        f.truncate(2)
+    with pytest.raises(DataError, match="val.bin is missing or truncated"):
+        load_prepared(data.dir)
+    (data.dir / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match="meta.json is not valid JSON"):
+        prepare(tmp_path / "corpus", tmp_path / "cache")
+
+
+def test_max_bytes_and_tokenizer_sample_bound_what_is_read(tmp_path, monkeypatch):
+    docs = make_corpus(tmp_path / "corpus", 40)
+    data = prepare(tmp_path / "corpus", tmp_path / "cache", max_bytes=1000, val_fraction=0.25)
+    used = data.meta["bytes"]["train"] + data.meta["bytes"]["val"]
+    assert 900 < used <= 1000
+    train = iter(split_at_eot(data.train_tokens, data.tokenizer))
+    val = iter(split_at_eot(data.val_tokens, data.tokenizer))
+    n_kept = sum(data.meta["documents"].values())
+    kept = [next(val) if i in held_out(n_kept, 0.25) else next(train) for i in range(n_kept)]
+    assert kept[:-1] == docs[:n_kept - 1]  # whole documents in corpus order, then the head of the next one
+    assert docs[n_kept - 1].startswith(kept[-1]) and len(kept[-1]) < len(docs[n_kept - 1])
+
+    seen = []
+    real_train = Tokenizer.train
+
+    def recording_train(texts, **kwargs):
+        texts = list(texts)
+        seen.extend(texts)
+        return real_train(texts, **kwargs)
+
+    monkeypatch.setattr(prep.Tokenizer, "train", recording_train)
+    prepare(tmp_path / "corpus", tmp_path / "cache2", tokenizer_max_bytes=700, val_fraction=0.25)
+    assert 500 < sum(len(t.encode()) for t in seen) <= 700  # the last one cut at a line end
+    held = {docs[i] for i in held_out(40, 0.25)}
+    assert not held & set(seen)  # the tokenizer never sees a validation document
+
+
+def test_errors_mode_and_bad_settings(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, 5)
+    (corpus / "latin1.txt").write_bytes("\nolé\n".encode("latin-1") * 3)
+    with pytest.raises(DataError, match="latin1.txt is not valid UTF-8 at byte offset 3"):
+        prepare(corpus, tmp_path / "cache")
+    data = prepare(corpus, tmp_path / "cache", errors="replace")
+    assert "\nol\ufffd\n" in data.tokenizer.decode(data.train_tokens.tolist() + data.val_tokens.tolist())
+    with pytest.raises(DataError, match="val_fraction"):
+        prepare(corpus, tmp_path / "cache", val_fraction=1.0)
+    with pytest.raises(DataError, match="max_bytes must be a positive"):
+        prepare(corpus, tmp_path / "cache", max_bytes=0)
+    with pytest.raises(DataError, match="no tokenizer file"):
+        prepare(corpus, tmp_path / "cache", tokenizer=tmp_path / "missing.json")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("")
+    with pytest.raises(DataError, match="the corpus has no text"):
+        prepare(tmp_path / "blank", tmp_path / "cache")
