@@ -24,6 +24,11 @@ GPT4_PATTERN = (
 
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
+# A newline followed by a non-space character: both patterns always end a piece there, so a long text can be cut
+# at such a point and pre-split chunk by chunk with exactly the pieces of the whole (used to stream big inputs).
+_SAFE_CUT = regex.compile(r"\n(?=\S)")
+_LAST_SAFE_CUT = regex.compile(r"(?r)\n(?=\S)")
+
 
 def pattern_from_name(name_or_regex: str) -> str:
     """Return the regex for "gpt2" / "gpt4", or validate and return a custom regex."""
@@ -45,3 +50,15 @@ def compile_pattern(pattern: str) -> regex.Pattern:
     if compiled.fullmatch("") is not None:
         raise TokenizerError(f"split pattern {pattern!r} matches the empty string; every piece must be non-empty")
     return compiled
+
+
+def next_safe_cut(text: str, pos: int) -> int:
+    """First index >= ``pos`` right after a newline that precedes a non-space character (len(text) if none)."""
+    match = _SAFE_CUT.search(text, max(pos - 1, 0))
+    return match.end() if match else len(text)
+
+
+def last_safe_cut(text: str) -> int:
+    """Last index right after a newline that precedes a non-space character (0 if none)."""
+    match = _LAST_SAFE_CUT.search(text)
+    return match.end() if match else 0

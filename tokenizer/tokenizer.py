@@ -243,7 +243,8 @@ class Tokenizer:
     def _raise_disallowed(self, token: str) -> None:
         raise TokenizerError(
             f"the text contains the special token {token!r}, which encode() does not allow by default; pass "
-            f"allowed_special='all' (or a set containing it) to encode it as id {self.special_tokens[token]}, "
+            f"allowed_special='all' (or a set containing it; CLI: --allowed-special) to encode it as id "
+            f"{self.special_tokens[token]}, "
             f"or use encode_ordinary() to encode it as plain text")
 
     def _reset_cache(self) -> None:

@@ -34,7 +34,7 @@ from typing import Union
 from tqdm.auto import tqdm
 
 from .errors import TokenizerError
-from .patterns import compile_pattern
+from .patterns import compile_pattern, next_safe_cut
 
 TIE_BREAK = "highest pair count first; ties: smallest (left_id, right_id) pair"
 
@@ -77,7 +77,7 @@ def learn_merges(
     index = {symbol: i for i, symbol in enumerate(vocab)}
 
     merges: list[tuple[int, int, int]] = []
-    bar = tqdm(total=max(vocab_size - len(vocab), 0), desc="merges", unit="tok", disable=not progress)
+    bar = tqdm(total=max(vocab_size - len(vocab), 0), desc="merges", unit="tok", disable=not progress, delay=1)
     while len(vocab) < vocab_size and heap:
         neg_count, key = heapq.heappop(heap)
         count = pair_counts.get(key, 0)
@@ -134,16 +134,14 @@ def learn_merges(
 
 
 def iter_text_chunks(text: str, max_chars: int = BATCH_CHARS) -> Iterator[str]:
-    """Cut a long text into chunks of about ``max_chars`` at a newline followed by a non-space character.
+    """Cut a long text into chunks of about ``max_chars`` at newlines followed by a non-space character.
 
     The GPT-2 and GPT-4 patterns always end a piece there, so counting chunk by chunk gives exactly the pieces
     of the whole text (a custom pattern whose pieces cross such a point may split differently at the cuts).
     """
     start, n = 0, len(text)
     while n - start > max_chars:
-        cut = start + max_chars
-        while cut < n and not (text[cut - 1] == "\n" and not text[cut].isspace()):
-            cut += 1
+        cut = next_safe_cut(text, start + max_chars)
         yield text[start:cut]
         start = cut
     if start < n:
@@ -189,7 +187,7 @@ def count_pieces(
     compile_pattern(pattern)  # fail early, in this process, on a bad regex
     batches = _batches(texts, BATCH_CHARS)
     total: Counter = Counter()
-    bar = tqdm(desc="counting", unit="char", unit_scale=True, disable=not progress)
+    bar = tqdm(desc="counting", unit="char", unit_scale=True, disable=not progress, delay=1)
     first = next(batches, None)
     if first is None:
         bar.close()

@@ -1,0 +1,61 @@
+"""Read UTF-8 text files as a stream of chunks, so a multi-GB corpus is never one string in memory."""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+from .errors import TokenizerError
+from .patterns import last_safe_cut
+
+BLOCK_BYTES = 1 << 20
+
+
+def check_readable(path: Union[str, os.PathLike]) -> Path:
+    """Fail early, with a fix, when ``path`` is missing or a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise TokenizerError(f"{path} is a directory; pass the files inside it (for example {path}/*.txt)")
+    if not path.exists():
+        raise TokenizerError(f"input file {path} does not exist; check the path")
+    return path
+
+
+def iter_file_text(path: Union[str, os.PathLike], errors: str = "strict",
+                   block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
+    """Yield the text of a UTF-8 file in chunks of about ``block_bytes``.
+
+    Chunks end where the GPT-2/GPT-4 patterns always split (a newline before a non-space character), so
+    pre-splitting chunk by chunk gives the same pieces as the whole file. Invalid UTF-8 raises TokenizerError
+    naming the byte offset, unless ``errors="replace"`` (bad bytes become U+FFFD).
+    """
+    path = check_readable(path)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    offset = 0  # file offset of the next block
+    carry = ""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(block_bytes)
+            final = not block
+            pending = len(decoder.getstate()[0])
+            try:
+                text = carry + decoder.decode(block, final=final)
+            except UnicodeDecodeError as e:
+                raise TokenizerError(
+                    f"{path}: the bytes at offset {offset - pending + e.start} are not valid UTF-8 ({e.reason}); "
+                    f"convert the file to UTF-8, or pass --errors replace (errors='replace') to substitute them"
+                ) from None
+            offset += len(block)
+            if final:
+                if text:
+                    yield text
+                return
+            cut = last_safe_cut(text)
+            if cut == 0 and len(text) > 16 * block_bytes:  # no newline for a long stretch: cut anyway
+                cut = len(text)
+            if cut:
+                yield text[:cut]
+            carry = text[cut:]
