@@ -23,14 +23,16 @@ Memory stays bounded on corpora larger than RAM: documents stream from the sourc
 come back. The folder is built under a temporary name and renamed into place only when complete, so an
 interrupted preparation never leaves a folder that looks valid.
 
-The folder's name holds a fingerprint of everything that decides its content: the source's identity (file paths,
-sizes and modification times, or the dataset's name, config, split and field), max_bytes, val_fraction, the
-errors mode, and the tokenizer (the checksum of a given one, or the settings to train one). The same call again
-reuses the folder without reading the corpus; a changed input makes a new one.
+The folder's name holds a fingerprint of everything that decides its content: the corpus (the source's identity:
+file paths, sizes and modification times, or the dataset's name, config, split and field; max_bytes,
+val_fraction, the errors mode), then the tokenizer (the checksum of a given one, or the settings to train one).
+The same call again reuses the folder without reading the corpus; a changed input makes a new one. A given
+tokenizer also reuses a folder of the same corpus whose trained tokenizer has its checksum.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -117,20 +119,21 @@ def prepare_data(
     else:
         tokenizer_settings = {"vocab_size": vocab_size, "pattern": pattern_from_name(pattern),
                               "special_tokens": [EOT], "max_bytes": tokenizer_max_bytes}
-    settings = {"format_version": FORMAT_VERSION, "source": src.identity(), "max_bytes": max_bytes,
-                "val_fraction": val_fraction, "errors": errors, "tokenizer": tokenizer_settings}
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    folder = Path(cache_dir) / f"{src.name}-{fingerprint[:12]}"
+    corpus = {"format_version": FORMAT_VERSION, "source": src.identity(), "max_bytes": max_bytes,
+              "val_fraction": val_fraction, "errors": errors}
+    fingerprint = f"{_digest(corpus)[:12]}-{_digest(tokenizer_settings)[:8]}"
+    folder = Path(cache_dir) / f"{src.name}-{fingerprint}"
 
-    if (folder / META_FILE).is_file():
-        prepared = load_prepared(folder, expected_checksum=given.checksum if given else None)
+    found = _find_prepared(folder, given)
+    if found is not None:
+        prepared = load_prepared(found, expected_checksum=given.checksum if given else None)
         tokens = prepared.meta["tokens"]
-        print(f"reusing prepared data in {folder} ({tokens['train']:,} train + {tokens['val']:,} val tokens); "
+        print(f"reusing prepared data in {found} ({tokens['train']:,} train + {tokens['val']:,} val tokens); "
               f"delete that folder to prepare it again")
         return prepared
 
     print(f"preparing {src.description} into {folder}")
-    _build(folder, src, given, settings, fingerprint, num_proc, progress)
+    _build(folder, src, given, {**corpus, "tokenizer": tokenizer_settings}, fingerprint, num_proc, progress)
     prepared = load_prepared(folder)
     meta = prepared.meta
     print(f"prepared {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
@@ -179,6 +182,29 @@ def load_prepared(folder: str | os.PathLike, expected_checksum: str | None = Non
 
 
 # ----------------------------------------------------------------------------------------------- building
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _find_prepared(folder: Path, given: Tokenizer | None) -> Path | None:
+    """The folder when it is complete; with a given tokenizer, also a folder of the same corpus made by a
+    tokenizer trained there with the same checksum (so that resuming with a checkpoint's tokenizer.json finds the
+    data prepared when the run began)."""
+    if (folder / META_FILE).is_file():
+        return folder
+    if given is None:
+        return None
+    same_corpus = folder.name.rsplit("-", 1)[0]
+    for candidate in sorted(folder.parent.glob(f"{glob.escape(same_corpus)}-*")):
+        try:
+            meta = json.loads((candidate / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("tokenizer_checksum") == given.checksum:
+            return candidate
+    return None
 
 
 def _as_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer | None:

@@ -124,8 +124,7 @@ def open_source(
         return Source("default", f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}",
                       _describe_default(files), files)
     files, what = _resolve_files(str(source))
-    stem = Path(str(source).rstrip("/\\")).name.split("*")[0].split(".")[0]
-    return Source("files", _safe_name(stem or "corpus"), f"{what} ({_count_and_size(files)})", files,
+    return Source("files", _source_name(str(source)), f"{what} ({_count_and_size(files)})", files,
                   text_field=text_field)
 
 
@@ -159,27 +158,34 @@ def _resolve_files(source: str) -> tuple[tuple[Path, ...], str]:
     if path.is_file():
         return (path,), f"file {path}"
     if path.is_dir():
-        files = _folder_files(path)
+        files, skipped = _without_binary(_folder_files(path))
         if not files:
             raise DataError(f"folder {path} has no text files; put .txt/.jsonl/.parquet files in it or pass a file")
-        return files, f"folder {path}"
+        return files, f"folder {path}{skipped}"
     if glob.has_magic(source):
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
-        files = tuple(p for p in matches if p.is_file() and not _looks_binary(p))
+        files, skipped = _without_binary([p for p in matches if p.is_file()])
         if not files:
             raise DataError(f"no text files match {source!r}; check the pattern (quote it, use ** for subfolders)")
-        return files, f"files matching {source!r}"
+        return files, f"files matching {source!r}{skipped}"
     raise DataError(f"no such file or folder: {source}; pass a text file, a folder, a glob, a .jsonl or "
                     f".parquet file, or a dataset name with --dataset")
 
 
-def _folder_files(root: Path) -> tuple[Path, ...]:
+def _folder_files(root: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found += [Path(dirpath, name) for name in filenames if not name.startswith(".")]
     found.sort(key=lambda p: p.relative_to(root).parts)
-    return tuple(p for p in found if p.is_file() and not _looks_binary(p))
+    return [p for p in found if p.is_file()]
+
+
+def _without_binary(paths: list[Path]) -> tuple[tuple[Path, ...], str]:
+    """The text files among paths, and a note saying how many binary ones were left out."""
+    files = tuple(p for p in paths if not _looks_binary(p))
+    skipped = len(paths) - len(files)
+    return files, f", {skipped} binary file{'s' if skipped != 1 else ''} skipped" if skipped else ""
 
 
 def _looks_binary(path: Path) -> bool:
@@ -210,6 +216,14 @@ def _describe_default(files: tuple[Path, ...]) -> str:
 def _count_and_size(files: tuple[Path, ...]) -> str:
     size = sum(p.stat().st_size for p in files)
     return f"{len(files)} file{'s' if len(files) != 1 else ''}, {size / 1e6:.1f} MB"
+
+
+def _source_name(source: str) -> str:
+    """"books" for books/, books.txt or books/**/*.txt: what names the prepared-data folder."""
+    path = Path(source).expanduser()
+    while glob.has_magic(path.name):
+        path = path.parent
+    return _safe_name(path.resolve().name.split(".")[0])
 
 
 def _safe_name(text: str) -> str:

@@ -127,11 +127,16 @@ def test_second_call_reuses_without_encoding(tmp_path, monkeypatch, capsys):
     assert "reusing prepared data in" in capsys.readouterr().out
     assert again.dir == first.dir and (again.dir / "train.bin").stat().st_mtime_ns == stamp
     assert np.array_equal(again.train_tokens, first.train_tokens)
-    # a given tokenizer file is part of the fingerprint through its checksum
+    # the tokenizer it trained, given back (as on resume from a checkpoint's tokenizer.json), finds it too
+    copy = tmp_path / "tok.json"
+    first.tokenizer.save(copy)
+    assert prepare(tmp_path / "corpus", tmp_path / "cache", tokenizer=copy).dir == first.dir
     monkeypatch.undo()
-    given = prepare(tmp_path / "corpus", tmp_path / "cache", tokenizer=first.tokenizer_path)
-    assert given.dir != first.dir and given.tokenizer.checksum == first.tokenizer.checksum
-    assert np.array_equal(given.train_tokens, first.train_tokens)
+    # another tokenizer makes another folder
+    other = Tokenizer.train(["other text, other merges"] * 4, vocab_size=290, progress=False)
+    with_other = prepare(tmp_path / "corpus", tmp_path / "cache", tokenizer=other)
+    assert with_other.dir != first.dir and with_other.tokenizer.checksum == other.checksum
+    assert prepare(tmp_path / "corpus", tmp_path / "cache", tokenizer=other).dir == with_other.dir
     # changed settings or a changed file make a new folder
     assert prepare(tmp_path / "corpus", tmp_path / "cache", val_fraction=0.2).dir != first.dir
     (tmp_path / "corpus" / "doc000.txt").write_text("changed text\n")

@@ -64,6 +64,7 @@ def test_folder_is_recursive_sorted_and_skips_hidden_and_binary_files(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", [{"text": "json one"}, {"text": "json two"}])
     # sorted by path components: the folder "a" (and all below it) comes before the file "a.txt"
     assert list(iter_documents(str(tmp_path))) == ["deep", "zed", "ay", "bee", "json one", "json two"]
+    assert "1 binary file skipped" in open_source(str(tmp_path)).description
 
 
 def test_glob_matches_sorted_files(tmp_path):
