@@ -65,13 +65,7 @@ def learn_merges(
     """
     pieces = [list(w) for w in words]
     counts = list(words.values())
-    pair_counts: dict[int, int] = defaultdict(int)
-    where: dict[int, set[int]] = defaultdict(set)
-    for i, (symbols, count) in enumerate(zip(pieces, counts)):
-        for left, right in zip(symbols, symbols[1:]):
-            key = left * PAIR + right
-            pair_counts[key] += count
-            where[key].add(i)
+    pair_counts, where = index_pairs(pieces, counts)
     heap = [(-count, key) for key, count in pair_counts.items()]
     heapq.heapify(heap)
     index = {symbol: i for i, symbol in enumerate(vocab)}
@@ -131,6 +125,21 @@ def learn_merges(
             heapq.heappush(heap, (-pair_counts[new], new))
     bar.close()
     return merges
+
+
+def index_pairs(pieces: list[list[int]], counts: list[int]) -> tuple[dict[int, int], dict[int, set[int]]]:
+    """Step 2: count every adjacent pair (weighted by piece count) and record which pieces contain it.
+
+    Keys are ``left * PAIR + right``; both dicts are defaultdicts so the merge loop can update them freely.
+    """
+    pair_counts: dict[int, int] = defaultdict(int)
+    where: dict[int, set[int]] = defaultdict(set)
+    for i, (symbols, count) in enumerate(zip(pieces, counts)):
+        for left, right in zip(symbols, symbols[1:]):
+            key = left * PAIR + right
+            pair_counts[key] += count
+            where[key].add(i)
+    return pair_counts, where
 
 
 def iter_text_chunks(text: str, max_chars: int = BATCH_CHARS) -> Iterator[str]:

@@ -1,0 +1,130 @@
+"""BPE trainer: the textbook example, a slow obviously-correct reference, determinism, streaming, bad input."""
+import random
+from collections import Counter
+
+import pytest
+
+from tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, TokenizerError
+from tokenizer.trainer import PAIR, count_pieces, index_pairs, learn_merges, train_bpe
+
+
+def reference_train(words: dict, vocab: list, vocab_size: int, min_frequency: int = 1) -> list:
+    """Recount every pair of the whole corpus before each merge; pick the highest count, ties: smallest pair."""
+    vocab = list(vocab)
+    corpus = [(list(w), c) for w, c in words.items()]
+    merges = []
+    while len(vocab) < vocab_size:
+        counts = Counter()
+        for symbols, c in corpus:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] += c
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        if counts[best] < min_frequency:
+            break
+        content = vocab[best[0]] + vocab[best[1]]
+        if content not in vocab:
+            vocab.append(content)
+        merged = vocab.index(content)
+        merges.append((best[0], best[1], merged))
+        new_corpus = []
+        for symbols, c in corpus:
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            new_corpus.append((out, c))
+        corpus = new_corpus
+    return merges, vocab
+
+
+def char_words(counts: dict[str, int]) -> tuple[dict, list]:
+    """Words with characters as symbols (the textbook setting): symbol ids in sorted character order."""
+    alphabet = sorted(set("".join(counts)))
+    ids = {ch: i for i, ch in enumerate(alphabet)}
+    return {tuple(ids[ch] for ch in w): c for w, c in counts.items()}, alphabet
+
+
+def test_worked_example_pair_counts_and_first_merges():
+    words, vocab = char_words({"hug": 10, "pug": 5, "pun": 12, "bun": 4, "hugs": 5})
+    pair_counts, _ = index_pairs([list(w) for w in words], list(words.values()))
+    named = {vocab[k // PAIR] + vocab[k % PAIR]: c for k, c in pair_counts.items()}
+    assert named == {"ug": 20, "pu": 17, "un": 16, "hu": 15, "gs": 5, "bu": 4}
+    merges = learn_merges(words, vocab, len(vocab) + 3)
+    assert [vocab[m] for _, _, m in merges] == ["ug", "un", "hug"]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fast_trainer_equals_reference_including_ties(seed):
+    rng = random.Random(seed)
+    alphabet = "ab" if seed % 3 == 0 else "abc d"  # tiny alphabets: many ties and repeated contents
+    counts = {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))): rng.randint(1, 4) for _ in range(40)}
+    words, vocab = char_words(counts)
+    target = len(vocab) + 30
+    expected, expected_vocab = reference_train(words, vocab, target)
+    got_vocab = list(vocab)
+    assert learn_merges(words, got_vocab, target) == expected
+    assert got_vocab == expected_vocab
+
+
+def test_byte_level_training_equals_reference_with_min_frequency():
+    text = "the cat sat on the mat; the hat is flat. " * 5 + "ünïcödé 😀😀 12345 " * 3
+    words = {tuple(p.encode()): c for p, c in count_pieces(text, GPT4_PATTERN, num_proc=1).items()}
+    base = [bytes([b]) for b in range(256)]
+    expected_merges, expected_vocab = reference_train(words, base, 400, min_frequency=3)
+    vocab = train_bpe(text, 400, GPT4_PATTERN, min_frequency=3, num_proc=1)
+    assert vocab == expected_vocab
+    assert len(vocab) < 400  # stopped by min_frequency, not by size
+    tok = Tokenizer.train(text, vocab_size=400, min_frequency=3, progress=False)
+    assert tok.vocab_size == len(expected_vocab) + 1 and tok.eot_id == len(expected_vocab)
+
+
+def test_training_is_deterministic_and_streaming_matches_one_string():
+    rng = random.Random(0)
+    docs = ["\n".join(" ".join(rng.choice(["alpha", "beta", "gamma", "x1", "(y)", "  z"]) for _ in range(20))
+                      for _ in range(30)) + "\n" for _ in range(20)]
+    a = Tokenizer.train(docs, vocab_size=320, progress=False, num_proc=1)
+    b = Tokenizer.train(iter(docs), vocab_size=320, progress=False, num_proc=1)
+    assert a.checksum == b.checksum
+    # Counting a long text chunk by chunk (cut at safe points) gives the pieces of the whole.
+    whole = "".join(docs)
+    from tokenizer import trainer
+    chunks = list(trainer.iter_text_chunks(whole, 100))
+    assert len(chunks) > 10 and "".join(chunks) == whole
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        per_chunk = Counter()
+        for chunk in chunks:
+            per_chunk.update(count_pieces(chunk, pattern, num_proc=1))
+        assert per_chunk == count_pieces(whole, pattern, num_proc=1)
+
+
+def test_counting_in_several_processes_equals_one(monkeypatch):
+    from tokenizer import trainer
+    monkeypatch.setattr(trainer, "BATCH_CHARS", 2000)
+    rng = random.Random(1)
+    docs = ["".join(rng.choice("abc \n1.é") for _ in range(3000)) for _ in range(8)]
+    assert count_pieces(docs, GPT4_PATTERN, num_proc=2) == count_pieces(docs, GPT4_PATTERN, num_proc=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(vocab_size=256), "too small"),
+    (dict(vocab_size=300, special_tokens=["<a>", "<a>"]), "distinct"),
+    (dict(vocab_size=300, min_frequency=0), "min_frequency"),
+    (dict(vocab_size=300, pattern="(unclosed"), "invalid split pattern"),
+    (dict(vocab_size=300, pattern=r"\w*"), "empty string"),
+])
+def test_bad_training_arguments(kwargs, message):
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.train("some text", progress=False, **kwargs)
+
+
+def test_empty_corpus_is_an_error():
+    with pytest.raises(TokenizerError, match="empty"):
+        Tokenizer.train(["", ""], vocab_size=300, progress=False)
+    with pytest.raises(TokenizerError, match="must be str"):
+        Tokenizer.train([b"bytes"], vocab_size=300, progress=False)
