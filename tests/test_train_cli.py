@@ -1,0 +1,143 @@
+"""train.py as a user meets it: flags over a config file, and one-line errors that leave checkpoints alone."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.checkpoint import read_config
+from minigpt.trainer import train
+
+from test_train_helpers import one_thread, tiny_config, write_corpus  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--vocab-size", "300", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+        "--batch-size", "8", "--eval-iters", "2", "--no-progress", "--device", "cpu"]
+
+
+def run(*args, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A corpus, its token cache, and a finished checkpoint whose files the failing runs must not touch."""
+    root = tmp_path_factory.mktemp("cli")
+    corpus, cache = write_corpus(root / "corpus.txt"), root / "cache"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = train(tiny_config(corpus, cache, root / "out", max_iters=4, eval_interval=4))
+    torch.set_num_threads(threads)
+    return corpus, cache, out
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+            and "data" not in p.relative_to(folder).parts}
+
+
+def test_config_file_then_flags(tmp_path, setup):
+    corpus, cache, _ = setup
+    config = tmp_path / "run.toml"
+    config.write_text(f'data = "{corpus.as_posix()}"\ndata-dir = "{cache.as_posix()}"\nmax_iters = 3\n'
+                      f'lr = 0.002\nn_layer = 2\neval_interval = 3\n')
+    result = run("--config", config, *TINY, "--n-layer", "1", "--out-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert f"python sample.py --out-dir {tmp_path / 'out'}" in result.stdout
+    saved = read_config(tmp_path / "out")
+    assert saved["model"]["n_layer"] == 1  # the flag beats the file
+    assert saved["train"]["lr"] == 0.002 and saved["train"]["max_iters"] == 3  # the file beats the defaults
+    assert saved["model"]["vocab_size"] == 300
+
+
+def test_resume_takes_settings_from_the_checkpoint(setup, tmp_path):
+    corpus, cache, out = setup
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    result = run("--resume", "--out-dir", copy, "--max-iters", 6, "--no-progress")  # no model flags: from the checkpoint
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step 4" in result.stdout
+    assert read_config(copy)["step"] == 6 and read_config(copy)["model"]["n_embd"] == 32
+
+
+def test_unknown_flag():
+    assert_one_line_error(run("--n-layers", "3"), "unrecognized arguments: --n-layers")
+
+
+def test_unknown_config_key(tmp_path):
+    (tmp_path / "c.toml").write_text("n_layer = 2\nlearning_rate = 0.1\n")
+    assert_one_line_error(run("--config", tmp_path / "c.toml"), "unknown setting(s) learning_rate")
+
+
+def test_bad_config_value(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"lr": "fast"}))
+    assert_one_line_error(run("--config", tmp_path / "c.json"), "lr must be float")
+
+
+def test_invalid_toml(tmp_path):
+    (tmp_path / "c.toml").write_text("n_layer = = 2\n")
+    assert_one_line_error(run("--config", tmp_path / "c.toml"), "not valid TOML")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: --device cuda is valid here")
+def test_cuda_without_cuda(setup, tmp_path):
+    corpus, cache, _ = setup
+    assert_one_line_error(run("--data", corpus, "--data-dir", cache, "--out-dir", tmp_path, *TINY, "--device", "cuda"),
+                          "CUDA is not available")
+
+
+@pytest.mark.parametrize("text,message", [("", "no text"), ("just a few words\nand one more line\n", "tokens")])
+def test_empty_or_tiny_corpus_leaves_checkpoint_alone(setup, tmp_path, text, message):
+    _, cache, out = setup
+    before = snapshot(out)
+    (tmp_path / "small.txt").write_text(text)
+    result = run("--data", tmp_path / "small.txt", "--data-dir", tmp_path / "cache", "--out-dir", out, "--overwrite",
+                 *TINY)
+    assert_one_line_error(result, message)
+    assert snapshot(out) == before
+
+
+def test_block_size_larger_than_data(setup, tmp_path):
+    corpus, cache, out = setup
+    before = snapshot(out)
+    result = run("--data", corpus, "--data-dir", cache, "--out-dir", out, "--overwrite", *TINY, "--block-size", 4096)
+    assert_one_line_error(result, "block")
+    assert snapshot(out) == before
+
+
+def test_resume_with_a_different_model(setup):
+    corpus, cache, out = setup
+    before = snapshot(out)
+    assert_one_line_error(run("--resume", "--out-dir", out, "--n-embd", 64, "--no-progress"),
+                          "different model", "n_embd=32")
+    assert snapshot(out) == before
+
+
+def test_resume_without_checkpoint(tmp_path):
+    assert_one_line_error(run("--resume", "--out-dir", tmp_path / "none"), "no checkpoint folder")
+
+
+def test_resume_from_corrupt_checkpoint(setup, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(setup[2], copy)
+    model = copy / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    assert_one_line_error(run("--resume", "--out-dir", copy), "truncated or corrupt")
+    (copy / "config.json").write_text("{garbage")
+    assert_one_line_error(run("--resume", "--out-dir", copy), "config.json")

@@ -1,0 +1,42 @@
+"""Shared by the training tests: a tiny synthetic corpus, a tiny TrainConfig, single-threaded torch."""
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.config import GPTConfig, TrainConfig
+
+WORDS = ("the a one every small large red blue cat dog bird fish sees eats likes finds near under over with "
+         "and but then quickly slowly today").split()
+
+
+def write_corpus(path: Path, sentences: int = 1500, seed: int = 0) -> Path:
+    """~50 KB of simple sentences: enough structure that a tiny model's loss visibly drops in a few steps."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(sentences):
+        words = [rng.choice(WORDS[:6]), rng.choice(WORDS[6:12]), rng.choice(WORDS[12:16]),
+                 rng.choice(WORDS[:6]), rng.choice(WORDS[6:12])]
+        lines.append(" ".join(words) + ".")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_config(corpus: Path, cache: Path, out: Path, model: dict | None = None, **overrides) -> TrainConfig:
+    shape = dict(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    values = dict(data=str(corpus), data_dir=str(cache), out_dir=str(out), vocab_size=300, batch_size=8,
+                  max_iters=20, lr=3e-3, min_lr=3e-4, warmup_iters=3, eval_interval=10, eval_iters=4,
+                  log_interval=1, progress=False, device="cpu")
+    values.update(overrides)
+    return TrainConfig(model=GPTConfig(**{**shape, **(model or {})}), **values)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: handing them to several threads costs more than the work, and on a busy CI machine
+    oversubscribed OpenMP threads spin (10x slower here). Restored afterwards for other tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
