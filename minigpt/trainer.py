@@ -196,9 +196,9 @@ class _Run:
         need = shards * (T + 1)
         train_n, val_n = len(self.data.train_tokens), len(self.data.val_tokens)
         if train_n < need:
-            raise ConfigError(f"the training split has {train_n} tokens, fewer than one block of {T + 1} for each of "
-                              f"{shards} data shards (processes × grad_accum); use more data or a smaller "
-                              f"--block-size")
+            per_shard = f" for each of {shards} data shards (processes × grad_accum)" if shards > 1 else ""
+            raise ConfigError(f"the training split has {train_n} tokens, too few for one window of {T + 1} tokens "
+                              f"(block size + 1){per_shard}; use more data or a smaller --block-size")
         if val_n < T + 1:
             raise ConfigError(f"the validation split has {val_n} tokens, fewer than one block of {T + 1}; use more "
                               f"data, a larger --val-fraction or a smaller --block-size")
