@@ -1,0 +1,209 @@
+"""sample.py end to end on a tiny checkpoint trained in a fixture: generation, streaming, evaluation, bad input."""
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt.checkpoint import load_model
+from minigpt.config import GPTConfig, TrainConfig
+from minigpt.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_ITERS, BATCH, BLOCK = 3, 4, 32
+
+
+def corpus_documents() -> list[str]:
+    """Small documents with multi-byte text, so that byte-level tokens split characters."""
+    words = ["naïve café", "日本語のテキスト", "emoji 🙂🎉", "def f(x):\n    return x * 2\n", "Ελληνικά", "plain words"]
+    return [" ".join(words[(i + j) % len(words)] for j in range(40)) + f" doc {i}\n" for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sample")
+    corpus = folder / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(corpus_documents()):
+        (corpus / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    cfg = TrainConfig(data=str(corpus), out_dir=str(folder / "out"), vocab_size=300, val_fraction=0.2,
+                      model=GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK),
+                      batch_size=BATCH, max_iters=20, eval_interval=20, eval_iters=EVAL_ITERS, warmup_iters=2,
+                      progress=False)
+    return Path(train(cfg))
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SAMPLE_CLI = load_cli()
+
+
+def sample(run_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run sample.py's entry point in this process (a fresh interpreter per call would cost seconds of imports)."""
+    argv = ["sample.py", "--out-dir", str(run_dir), *args]
+    stdin_stream = io.TextIOWrapper(io.BytesIO((stdin or "").encode("utf-8")), encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "argv", argv), mock.patch.object(sys, "stdin", stdin_stream), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            SAMPLE_CLI.run_cli(SAMPLE_CLI.main)
+        except SystemExit as exit_:
+            code = exit_.code or 0
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def sample_json(run_dir: Path, *args: str, stdin: str | None = None) -> dict:
+    result = sample(run_dir, "--json", *args, stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_produces_the_requested_number_of_tokens_and_seed_reproduces(run_dir):
+    first = sample_json(run_dir, "--prompt", "naïve", "--max-new-tokens", "17", "--seed", "3", "--num-samples", "2")
+    again = sample_json(run_dir, "--prompt", "naïve", "--max-new-tokens", "17", "--seed", "3", "--num-samples", "2")
+    other = sample_json(run_dir, "--prompt", "naïve", "--max-new-tokens", "17", "--seed", "4", "--num-samples", "2")
+    assert len(first["samples"]) == 2
+    for s in first["samples"]:
+        assert (s["tokens"] == 17 and s["finish_reason"] == "length") or s["finish_reason"] == "end_of_text"
+    assert [s["text"] for s in first["samples"]] == [s["text"] for s in again["samples"]]
+    assert [s["text"] for s in first["samples"]] != [s["text"] for s in other["samples"]]
+    assert first["prompt"] == "naïve" and first["settings"]["seed"] == 3
+
+
+def test_temperature_zero_is_the_greedy_continuation(run_dir):
+    out = sample_json(run_dir, "--prompt", "emoji", "--max-new-tokens", "12", "--temperature", "0")
+    model, tok, _ = load_model(run_dir)
+    idx = torch.tensor([tok.encode_ordinary("emoji")])
+    greedy = model.generate(idx, 12, temperature=0, stop_id=tok.eot_id)[0, idx.shape[1]:].tolist()
+    if tok.eot_id in greedy:
+        greedy = greedy[: greedy.index(tok.eot_id)]
+    assert out["samples"][0]["text"] == tok.decode(greedy)
+    no_cache = sample_json(run_dir, "--prompt", "emoji", "--max-new-tokens", "12", "--temperature", "0", "--no-cache")
+    assert no_cache["samples"][0]["text"] == out["samples"][0]["text"]
+
+
+def test_streamed_output_equals_the_decoded_text(run_dir):
+    args = ("--prompt", "日本", "--max-new-tokens", "40", "--seed", "7", "--temperature", "1.5")
+    streamed = sample(run_dir, *args)
+    assert streamed.returncode == 0, streamed.stderr
+    final = sample_json(run_dir, *args)["samples"][0]["text"]
+    assert streamed.stdout == "日本" + final + "\n"
+    assert "tokens/s" in streamed.stderr
+
+
+def test_stop_string_ends_the_sample_before_it(run_dir):
+    base = sample_json(run_dir, "--prompt", "café", "--max-new-tokens", "30", "--temperature", "0")
+    text = base["samples"][0]["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop, text
+    cut = sample_json(run_dir, "--prompt", "café", "--max-new-tokens", "30", "--temperature", "0", "--stop", stop)
+    assert cut["samples"][0]["text"] == text[: text.index(stop)]
+    assert cut["samples"][0]["finish_reason"] == "stop"
+
+
+def test_prompt_from_stdin_and_file_and_special_text(run_dir, tmp_path):
+    from_stdin = sample_json(run_dir, "--prompt", "-", "--max-new-tokens", "3", "--temperature", "0", stdin="plain")
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("plain", encoding="utf-8")
+    from_file = sample_json(run_dir, "--prompt-file", str(prompt_file), "--max-new-tokens", "3", "--temperature", "0")
+    assert from_stdin["samples"] == [dict(s, seconds=from_stdin["samples"][0]["seconds"]) for s in from_file["samples"]]
+    _, tok, _ = load_model(run_dir)
+    special = "a<|endoftext|>b"
+    plain = sample_json(run_dir, "--prompt", special, "--max-new-tokens", "1")
+    allowed = sample_json(run_dir, "--prompt", special, "--max-new-tokens", "1", "--allow-special")
+    assert plain["prompt_tokens"] == len(tok.encode_ordinary(special))
+    assert allowed["prompt_tokens"] == len(tok.encode(special, allowed_special="all")) < plain["prompt_tokens"]
+
+
+def test_eval_loss_equals_the_training_loops_validation_loss(run_dir, tmp_path):
+    model, tok, config = load_model(run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r for r in records if r.get("kind") == "eval"][-1]
+    (meta_path,) = (run_dir / "data").glob("*/meta.json")  # the prepared-data header (data/prepare.py)
+    meta = json.loads(meta_path.read_text())
+    val_tokens = np.fromfile(meta_path.parent / "val.bin", dtype=np.dtype(meta["dtype"]))
+    assert len(val_tokens) == meta["tokens"]["val"]
+    val_text = tmp_path / "val.txt"
+    val_text.write_text(tok.decode(val_tokens.tolist()), encoding="utf-8")
+    out = sample_json(run_dir, "--eval", str(val_text), "--allow-special", "--eval-batches", str(EVAL_ITERS),
+                      "--batch-size", str(BATCH))
+    assert out["block_size"] == BLOCK
+    assert out["loss"] == pytest.approx(last_eval["val_loss"], rel=1e-5)
+    assert out["bits_per_byte"] == pytest.approx(last_eval["val_bits_per_byte"], rel=1e-5)
+    longer = sample_json(run_dir, "--eval", str(val_text), "--allow-special", "--block-size", str(2 * BLOCK))
+    assert longer["block_size"] == 2 * BLOCK and np.isfinite(longer["loss"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--temperature", "-0.5"), "temperature"),
+    (("--top-k", "0"), "top_k"),
+    (("--top-p", "0"), "top_p"),
+    (("--top-p", "1.5"), "top_p"),
+    (("--max-new-tokens", "-1"), "max-new-tokens"),
+    (("--bogus-flag",), "unrecognized"),
+])
+def test_bad_sampling_arguments_give_one_line(run_dir, args, expected):
+    result = sample(run_dir, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and expected in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
+
+
+def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_missing_and_corrupt_checkpoints(run_dir, tmp_path):
+    one_line_error(sample(tmp_path / "nowhere"), "no checkpoint folder")
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir / "best", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    one_line_error(sample(broken), "model.safetensors")
+    (broken / "model.safetensors").unlink()
+    one_line_error(sample(broken), "model.safetensors")
+
+
+def test_tokenizer_that_does_not_belong_to_the_model(run_dir, tmp_path):
+    from tokenizer import Tokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir / "best", other)
+    Tokenizer.train(" ".join(corpus_documents()), vocab_size=280).save(other / "tokenizer.json")
+    one_line_error(sample(other), "tokenizer.json")
+
+
+def test_prompt_file_that_is_not_utf8(run_dir, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    one_line_error(sample(run_dir, "--prompt-file", str(bad)), "not UTF-8", "offset 3")
+    one_line_error(sample(run_dir, "--prompt-file", str(tmp_path / "missing.txt")), "missing.txt")
+
+
+def test_cli_process_streams_and_reports_user_errors_without_traceback(run_dir):
+    """The real command line, in its own process: text on stdout, a summary on stderr, one-line errors."""
+    command = [sys.executable, str(ROOT / "sample.py"), "--out-dir", str(run_dir)]
+    ok = subprocess.run(command + ["--prompt", "x", "--max-new-tokens", "5", "--seed", "1"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("x") and "tokens/s" in ok.stderr
+    bad = subprocess.run(command + ["--top-k", "0"], capture_output=True, text=True, timeout=120)
+    one_line_error(bad, "top_k")
