@@ -5,12 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 tiktoken = pytest.importorskip("tiktoken")
 
-from tokenizer import GPT4_PATTERN, Tokenizer, TokenizerError  # noqa: E402
+from tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, TokenizerError  # noqa: E402
+from tokenizer.patterns import fast_equivalent  # noqa: E402
 from tokenizer.tokenizer import _merge_long, _merge_short  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -77,6 +79,15 @@ def test_exact_ids_against_tiktoken(ours, reference, varied_text):
         assert ours.decode(ids) == text
 
 
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN], ids=["gpt2", "gpt4"])
+def test_fast_equivalent_patterns_split_identically(varied_text, pattern):
+    fast = fast_equivalent(pattern)
+    assert fast != pattern
+    slow_split, fast_split = regex.compile(pattern).findall, regex.compile(fast).findall
+    for text in varied_text[:60] + [" \n \n\n  x  \n", "a  ", "  ", "'S's\r\n\r\n"]:
+        assert fast_split(text) == slow_split(text)
+
+
 def test_special_tokens_follow_tiktoken(ours, reference):
     text = "hi <|endoftext|> there <|fim_prefix|>x"
     assert ours.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
@@ -112,6 +123,8 @@ def test_heap_merge_equals_simple_merge(ours):
 @settings(max_examples=200, deadline=None)
 @given(st.text())
 def test_round_trip_and_tiktoken_agreement_on_random_unicode(ours, reference, text):
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        assert regex.findall(fast_equivalent(pattern), text) == regex.findall(pattern, text)
     ids = ours.encode_ordinary(text)
     assert ours.decode_bytes(ids) == text.encode("utf-8")
     assert ours.decode(ids) == text

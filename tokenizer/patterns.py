@@ -24,6 +24,15 @@ GPT4_PATTERN = (
 
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
+# The same patterns without possessive quantifiers, which Python's `regex` runs about 20% faster. They find exactly
+# the same pieces: each dropped possessive ends its alternative (or is followed by something its class excludes),
+# so backtracking into it can never produce a different match. tests/test_tokenizer_encode.py checks this.
+_FAST_EQUIVALENTS = {
+    GPT2_PATTERN: r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s++$|\s+(?!\S)|\s""",
+    GPT4_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s++$|"""
+                  r"""\s*[\r\n]|\s+(?!\S)|\s""",
+}
+
 # A newline followed by a non-space character: both patterns always end a piece there, so a long text can be cut
 # at such a point and pre-split chunk by chunk with exactly the pieces of the whole (used to stream big inputs).
 _SAFE_CUT = regex.compile(r"\n(?=\S)")
@@ -36,6 +45,11 @@ def pattern_from_name(name_or_regex: str) -> str:
         return PATTERNS[name_or_regex]
     compile_pattern(name_or_regex)
     return name_or_regex
+
+
+def fast_equivalent(pattern: str) -> str:
+    """The fastest regex we know that splits exactly like ``pattern`` (``pattern`` itself if none)."""
+    return _FAST_EQUIVALENTS.get(pattern, pattern)
 
 
 @lru_cache(maxsize=16)

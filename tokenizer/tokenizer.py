@@ -13,7 +13,7 @@ import heapq
 import json
 import multiprocessing
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from itertools import chain
 from pathlib import Path
@@ -23,7 +23,7 @@ import numpy as np
 import regex
 
 from .errors import TokenizerError
-from .patterns import GPT4_PATTERN, compile_pattern, pattern_from_name
+from .patterns import GPT4_PATTERN, compile_pattern, fast_equivalent, pattern_from_name
 
 EOT = "<|endoftext|>"
 
@@ -45,7 +45,7 @@ class Tokenizer:
         self.pattern = pattern
         self.special_tokens = special_tokens
         self._ranks = dict(ranks)
-        self._split = compile_pattern(pattern).findall
+        self._split = compile_pattern(fast_equivalent(pattern)).findall
         self._decoder: dict[int, bytes] = {i: b for b, i in self._ranks.items()}
         self._decoder.update((i, s.encode("utf-8")) for s, i in special_tokens.items())
         self._max_token_len = max(len(b) for b in self._ranks)
@@ -53,7 +53,6 @@ class Tokenizer:
             regex.compile("|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
             if special_tokens else None
         )
-        self._cache: dict[str, tuple[int, ...]] = {}
         self._reset_cache()
 
     # ---------------------------------------------------------------- construction
@@ -172,20 +171,10 @@ class Tokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text, treating special-token text as ordinary text."""
-        pieces = self._split(text)
-        cache = self._cache
-        parts = list(map(cache.get, pieces))
-        if None in parts:
-            if len(cache) > CACHE_LIMIT:
-                self._reset_cache()
-                cache = self._cache
-            for k, piece in enumerate(pieces):
-                if parts[k] is None:
-                    ids = cache.get(piece)
-                    if ids is None:
-                        ids = cache[piece] = tuple(self._encode_piece(piece.encode("utf-8")))
-                    parts[k] = ids
-        return list(chain.from_iterable(parts))
+        if len(self._cache) > CACHE_LIMIT:
+            self._reset_cache()
+        # One regex pass, then one dict lookup per piece; a miss runs BPE once (_PieceCache.__missing__).
+        return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
 
     def encode(self, text: str, allowed_special: AllowedSpecial = "none") -> list[int]:
         """Encode text. Special-token text raises TokenizerError unless allowed (tiktoken's semantics).
@@ -249,21 +238,22 @@ class Tokenizer:
 
     def _reset_cache(self) -> None:
         """Start the piece cache with every token that is valid UTF-8: most pieces are one whole token."""
-        self._cache = {}
+        self._cache = _PieceCache(self._encode_piece)
         for b, i in self._ranks.items():
             try:
                 self._cache[b.decode("utf-8")] = (i,)
             except UnicodeDecodeError:
                 pass
 
-    def _encode_piece(self, piece: bytes) -> list[int]:
+    def _encode_piece(self, text: str) -> tuple[int, ...]:
         """Rank-based BPE on one piece: join the lowest-ranked adjacent pair until no pair is a token."""
+        piece = text.encode("utf-8")
         rank = self._ranks.get(piece)
         if rank is not None:  # a whole piece that is a token is that token (as in tiktoken)
-            return [rank]
+            return (rank,)
         if len(piece) > LONG_PIECE:
-            return _merge_long(piece, self._ranks, self._max_token_len)
-        return _merge_short(piece, self._ranks)
+            return tuple(_merge_long(piece, self._ranks, self._max_token_len))
+        return tuple(_merge_short(piece, self._ranks))
 
     # ---------------------------------------------------------------- decoding
 
@@ -280,6 +270,18 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """Decode ids to text; bytes cut in the middle of a UTF-8 character become U+FFFD (``errors="replace"``)."""
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+
+class _PieceCache(dict):
+    """piece text -> ids; a missing piece is encoded once and remembered (dict lookups stay in C)."""
+
+    def __init__(self, encode_piece: Callable[[str], tuple[int, ...]]) -> None:
+        super().__init__()
+        self._encode_piece = encode_piece
+
+    def __missing__(self, piece: str) -> tuple[int, ...]:
+        ids = self[piece] = self._encode_piece(piece)
+        return ids
 
 
 def _merge_short(piece: bytes, ranks: dict[bytes, int]) -> list[int]:

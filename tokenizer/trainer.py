@@ -34,7 +34,7 @@ from typing import Union
 from tqdm.auto import tqdm
 
 from .errors import TokenizerError
-from .patterns import compile_pattern, next_safe_cut
+from .patterns import compile_pattern, fast_equivalent, next_safe_cut
 
 TIE_BREAK = "highest pair count first; ties: smallest (left_id, right_id) pair"
 
@@ -178,7 +178,7 @@ def _batches(texts: Union[str, Iterable[str]], batch_chars: int) -> Iterator[lis
 
 def _count_batch(args: tuple[str, list[str]]) -> tuple[Counter, int]:
     pattern, batch = args
-    findall = compile_pattern(pattern).findall
+    findall = compile_pattern(fast_equivalent(pattern)).findall
     counter: Counter = Counter()
     for text in batch:
         counter.update(findall(text))
