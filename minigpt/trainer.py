@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from data.loader import BatchLoader
 from data.prepare import PreparedData, prepare_data
 
-from .checkpoint import (TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state, read_config,
+from .checkpoint import (RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state, read_config,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import GPTConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, MinigptError
@@ -106,7 +106,6 @@ class _Run:
         self.out = Path(cfg.out_dir)
         self.amp_dtype = autocast_dtype(cfg.dtype, device)
         self.stop_requested = False
-        self.new_best = False
 
     # ------------------------------------------------------------------------------------------ set-up
     def fit(self) -> Path:
@@ -153,7 +152,7 @@ class _Run:
         """Refuse to clobber a checkpoint by accident; on --resume, the checkpoint's config (verified)."""
         cfg = self.cfg
         if cfg.resume:
-            return read_config(checkpoint_dir(self.out, ("train_state.json",)))
+            return read_config(checkpoint_dir(self.out, RESUME_FILES))
         if has_checkpoint(self.out) and not cfg.overwrite:
             raise ConfigError(f"{self.out} already holds a checkpoint; pass --resume to continue it, --overwrite "
                               f"to start over, or another --out-dir")
@@ -270,8 +269,10 @@ class _Run:
                         self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._lr(),
                                    "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds})
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                    self._evaluate()
-                    self._save()
+                    val_loss = self._evaluate()
+                    best = val_loss < self.best_val
+                    self.best_val = min(val_loss, self.best_val)
+                    self._save(best)
                 elif stop:
                     self._save()
                 if stop:
@@ -348,10 +349,11 @@ class _Run:
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
     # ---------------------------------------------------------------------------- evaluation and saving
-    def _evaluate(self) -> None:
-        """Train and validation loss on fixed windows (rank 0 only; the others wait at their next all-reduce)."""
+    def _evaluate(self) -> float:
+        """Validation loss, after logging train and validation metrics on fixed windows (rank 0 only: the other
+        ranks get inf and wait at their next collective call)."""
         if not self.world.main:
-            return
+            return math.inf
         cfg, T = self.cfg, self.model_config.block_size
         byte_lengths = self.tokenizer.token_byte_lengths()
         results = {split: evaluate_loss(self.model, tokens, T, cfg.batch_size, cfg.eval_iters, byte_lengths,
@@ -365,12 +367,10 @@ class _Run:
         self._print(f"step {self.step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
                     f"val perplexity {record['val_perplexity']:.2f}, val bits/byte {record['val_bits_per_byte']:.4f}")
         plot_losses(self.records, self.out / PLOT_FILE)
-        self.new_best = record["val_loss"] < self.best_val
-        if self.new_best:
-            self.best_val = record["val_loss"]
+        return record["val_loss"]
 
-    def _save(self) -> None:
-        """Latest checkpoint (resumable) and, after an improving evaluation, best/. Collective under DDP."""
+    def _save(self, best: bool = False) -> None:
+        """Latest checkpoint (resumable) and, when `best`, best/ too. Collective under DDP."""
         loader_states = [loader.state_dict() for loader in self.loaders]
         rng_json, rng_tensors = rng_state()
         gathered = [(loader_states, rng_json, rng_tensors)]
@@ -388,9 +388,8 @@ class _Run:
                  "rng": [j for _, j, _ in gathered]}
         tensors = {f"rng.{r}.{k}": v for r, (_, _, ts) in enumerate(gathered) for k, v in ts.items()}
         save_checkpoint(self.out, self.model, self.tokenizer, config, self.optimizer, state, tensors)
-        if self.new_best:
+        if best:
             save_checkpoint(self.out / BEST_DIR, self.model, self.tokenizer, config)
-            self.new_best = False
 
     def _log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
