@@ -112,12 +112,21 @@ def test_long_pieces_are_fast_and_exact(ours, reference):
         assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
 
 
-def test_heap_merge_equals_simple_merge(ours):
-    ranks = ours.mergeable_ranks
+def test_long_merge_lets_a_newly_created_lower_rank_go_first():
+    # "ab" (300) joins first; that creates "xab" (256) and then "xaba" (257), both lower than the second "ab".
+    ranks = {bytes([b]): b for b in range(256)} | {b"xab": 256, b"xaba": 257, b"ab": 300}
+    expected = [257, ord("b")]
+    assert _merge_short(b"xabab", ranks) == expected
+    assert _merge_long(b"xabab", ranks, 4) == expected
+
+
+@pytest.mark.parametrize("which", ["cl100k", "small"])
+def test_long_merge_equals_simple_merge(ours, small, which):
+    ranks = (ours if which == "cl100k" else small).mergeable_ranks
     rng = random.Random(1)
     for _ in range(300):
-        piece = bytes(rng.choice(b"aab c\xc3\xa9xyz\n") for _ in range(rng.randint(2, 150)))
-        assert _merge_long(piece, ranks, 256) == _merge_short(piece, ranks)
+        piece = bytes(rng.choice(b"aab c\xc3\xa9xyzHel\n") for _ in range(rng.randint(2, 150)))
+        assert _merge_long(piece, ranks, max(map(len, ranks))) == _merge_short(piece, ranks)
 
 
 @settings(max_examples=200, deadline=None)

@@ -301,45 +301,72 @@ def _merge_short(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
 
 
 def _merge_long(piece: bytes, ranks: dict[bytes, int], max_len: int) -> list[int]:
-    """Same result as :func:`_merge_short` in O(n log n): a heap of candidate joins over a linked list of parts.
+    """Same result as :func:`_merge_short`, in about O(n log n), for long pieces.
 
-    Part ``i`` covers ``piece[i:end[i]]``, and the next part starts at ``end[i]``. ``pending[i]`` is the rank of
-    joining part ``i`` with the next one (None: not a token). The heap holds ``rank * n + i``, so it pops the
-    lowest rank, leftmost first, which is the short loop's order. An entry is stale when ``pending[i]`` has
-    changed since: a pair only ever grows, so its rank never returns to an old value.
+    Part ``i`` covers ``piece[i:end[i]]`` and the next part starts at ``end[i]`` (a linked list over the bytes).
+    ``pending[i]`` is the rank of joining part ``i`` with the next part (None: not a token). Candidate joins wait
+    in ``buckets[rank]`` (positions) and ranks in a small heap, so we pop the lowest rank and join its positions
+    left to right, exactly the short loop's order. Two facts keep this exact and cheap:
+
+    * a pair only grows, so its rank never returns to an old value: a position whose ``pending`` no longer
+      equals the bucket's rank is stale and skipped;
+    * a join creates pairs of other ranks only; if one is *lower* than the current rank, it must go first, so the
+      rest of the current bucket is put back and the heap decides again.
     """
     n = len(piece)
     end = list(range(1, n + 1))
     prev = list(range(-1, n - 1))
     get = ranks.get
     pending = [get(piece[i:i + 2]) for i in range(n - 1)] + [None]
-    heap = [r * n + i for i, r in enumerate(pending) if r is not None]
-    heapq.heapify(heap)
-    pop, push = heapq.heappop, heapq.heappush
-    while heap:
-        key = pop(heap)
-        i = key % n
-        if pending[i] != key // n:
-            continue
-        mid = end[i]
-        stop = end[mid]
-        end[i] = stop
-        pending[mid] = None
-        r = None
-        if stop < n:
-            prev[stop] = i
-            nxt = end[stop]
-            if nxt - i <= max_len:
-                r = get(piece[i:nxt])
-                if r is not None:
-                    push(heap, r * n + i)
-        pending[i] = r
-        p = prev[i]
-        if p >= 0:
-            r = get(piece[p:stop]) if stop - p <= max_len else None
-            pending[p] = r
-            if r is not None:
-                push(heap, r * n + p)
+    buckets: dict[int, list[int]] = {}
+    for i, r in enumerate(pending):
+        if r is not None:
+            buckets.setdefault(r, []).append(i)
+    order = list(buckets)
+    heapq.heapify(order)
+
+    while order:
+        r = heapq.heappop(order)
+        positions = sorted(buckets.pop(r))
+        for k, i in enumerate(positions):
+            if pending[i] != r:
+                continue
+            mid = end[i]  # join part i with part mid
+            stop = end[mid]
+            end[i] = stop
+            pending[mid] = None
+            lowest = r
+            right = None
+            if stop < n:
+                prev[stop] = i
+                if end[stop] - i <= max_len:
+                    right = get(piece[i:end[stop]])
+            pending[i] = right
+            if right is not None:  # (written out twice rather than as a helper: this loop is hot)
+                bucket = buckets.get(right)
+                if bucket is None:
+                    buckets[right] = [i]
+                    heapq.heappush(order, right)
+                else:
+                    bucket.append(i)
+                lowest = min(lowest, right)
+            p = prev[i]
+            if p >= 0:
+                left = get(piece[p:stop]) if stop - p <= max_len else None
+                pending[p] = left
+                if left is not None:
+                    bucket = buckets.get(left)
+                    if bucket is None:
+                        buckets[left] = [p]
+                        heapq.heappush(order, left)
+                    else:
+                        bucket.append(p)
+                    lowest = min(lowest, left)
+            if lowest < r:  # a lower rank appeared: it goes first, the rest of this bucket waits
+                if k + 1 < len(positions):
+                    buckets[r] = positions[k + 1:]
+                    heapq.heappush(order, r)
+                break
     out = []
     i = 0
     while i < n:
