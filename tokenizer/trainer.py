@@ -96,12 +96,11 @@ def learn_merges(
         grown: set[int] = set()
         for i in where.pop(key):
             symbols, count_i = pieces[i], counts[i]
+            todo = symbols.count(left)  # candidate positions (a stale `where` entry has no matching pair)
             k = 0
-            while True:
-                try:
-                    k = symbols.index(left, k)
-                except ValueError:
-                    break
+            while todo:
+                k = symbols.index(left, k)
+                todo -= 1
                 if k + 1 < len(symbols) and symbols[k + 1] == right:
                     if k > 0:
                         x = symbols[k - 1]
@@ -118,6 +117,8 @@ def learn_merges(
                         where[new].add(i)
                         grown.add(new)
                     symbols[k:k + 2] = [merged]
+                    if right == left:
+                        todo -= 1  # the right symbol was one of the candidates
                 k += 1
         del pair_counts[key]
         # Only pairs that contain the new symbol grew; the others only shrank (fixed lazily when popped).
