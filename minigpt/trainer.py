@@ -106,6 +106,7 @@ class _Run:
         self.out = Path(cfg.out_dir)
         self.amp_dtype = autocast_dtype(cfg.dtype, device)
         self.stop_requested = False
+        self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------ set-up
     def fit(self) -> Path:
@@ -392,6 +393,7 @@ class _Run:
             save_checkpoint(self.out / BEST_DIR, self.model, self.tokenizer, config)
 
     def _log(self, record: dict[str, Any]) -> None:
+        record["elapsed_s"] = round(time.perf_counter() - self.started, 3)  # since this process started the run
         self.records.append(record)
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
