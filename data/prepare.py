@@ -21,7 +21,8 @@ prompt for unconditional sampling. A literal "<|endoftext|>" inside a document i
 Memory stays bounded on corpora larger than RAM: documents stream from the source, are encoded in chunks of about
 1 MiB by a pool of processes with at most 2 chunks per process in flight, and are appended to the files as they
 come back. The folder is built under a temporary name and renamed into place only when complete, so an
-interrupted preparation never leaves a folder that looks valid.
+interrupted preparation never leaves a folder that looks valid (and the next preparation of the same folder on the
+same machine deletes the temporary folder of one that was killed).
 
 The folder's name holds a fingerprint of everything that decides its content: the corpus (the source's identity:
 file paths, sizes and modification times, or the dataset's name, config, split and field; max_bytes,
@@ -38,6 +39,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -220,7 +222,8 @@ def _build(folder: Path, src: Source, given: Tokenizer | None, settings: dict, f
            num_proc: int | None, progress: bool) -> None:
     """Write the whole folder under a temporary name, then rename it into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _remove_stale_temporaries(folder)
+    tmp = folder.parent / f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         def split_documents() -> Iterator[tuple[str, str]]:
@@ -268,6 +271,25 @@ def _build(folder: Path, src: Source, given: Tokenizer | None, settings: dict, f
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete what a killed preparation of this folder on this machine left (its process is gone)."""
+    prefix = f".{folder.name}.tmp-{socket.gethostname()}-"
+    for tmp in folder.parent.glob(glob.escape(prefix) + "*"):
+        pid = tmp.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _cpu_count() -> int:
@@ -376,9 +398,8 @@ def _encode_chunks(chunks: Iterable[tuple[str, list[str]]], tok: Tokenizer, toke
         for split, docs in chunks:
             yield split, *_encode_docs(docs, dtype, tok), len(docs)
         return
-    # spawn: a fresh interpreter per worker is safe whatever threads the parent runs (tqdm, datasets)
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+    # the platform's default start method (fork on Linux), so that scripts without a __main__ guard work there
+    with multiprocessing.get_context().Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
         pending: deque = deque()
         for split, docs in chunks:
             pending.append((split, len(docs), pool.apply_async(_encode_docs, (docs, dtype))))

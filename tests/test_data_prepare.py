@@ -1,6 +1,11 @@
 """data.prepare: tokens round-trip, the split, dtypes, reuse, checksums, atomicity, caps."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +175,23 @@ def test_interrupted_preparation_leaves_nothing(tmp_path, monkeypatch):
         prepare(tmp_path / "corpus", tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # no folder, not even a temporary one
     monkeypatch.undo()
-    assert prepare(tmp_path / "corpus", tmp_path / "cache").meta["documents"]["train"] > 0
+    data = prepare(tmp_path / "corpus", tmp_path / "cache")
+    assert data.meta["documents"]["train"] > 0
+
+
+def test_temporary_folder_of_a_killed_preparation_is_removed(tmp_path):
+    make_corpus(tmp_path / "corpus", 5)
+    folder = prepare(tmp_path / "corpus", tmp_path / "cache").dir
+    shutil.rmtree(folder)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = tmp_path / "cache" / f".{folder.name}.tmp-{host}-{int(dead.stdout)}-0123abcd"
+    running = tmp_path / "cache" / f".{folder.name}.tmp-{host}-{os.getpid()}-4567ef01"
+    for leftover in (killed, running):
+        leftover.mkdir()
+        (leftover / "train.bin").write_bytes(b"\0\0")
+    assert prepare(tmp_path / "corpus", tmp_path / "cache").dir == folder
+    assert not killed.exists() and running.exists()  # a live process's preparation is left alone
 
 
 def test_truncated_or_garbled_folder_is_refused(tmp_path):
