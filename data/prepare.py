@@ -238,23 +238,9 @@ def _build(folder: Path, src: Source, given: Tokenizer | None, settings: dict, f
         if settings["max_bytes"] is not None:
             total = min(total, settings["max_bytes"]) if total is not None else settings["max_bytes"]
         procs = max(1, min(num_proc or _cpu_count(), (total or 1 << 62) // ENCODE_CHUNK_BYTES))
-        counts = {key: dict.fromkeys(SPLITS, 0) for key in ("tokens", "bytes", "documents")}
-        files = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
-        try:
-            with tqdm(total=total, unit="B", unit_scale=True, desc="encoding", disable=not progress) as bar:
-                chunks = _encode_chunks(_chunk(split_documents()), tok, tmp / TOKENIZER_FILE, procs, dtype)
-                for split, ids, n_bytes, n_docs in chunks:
-                    files[split].write(ids.tobytes())
-                    counts["tokens"][split] += len(ids)
-                    counts["bytes"][split] += n_bytes
-                    counts["documents"][split] += n_docs
-                    bar.update(n_bytes)
-            for f in files.values():
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            for f in files.values():
-                f.close()
+        with tqdm(total=total, unit="B", unit_scale=True, desc="encoding", disable=not progress) as bar:
+            chunks = _encode_chunks(_chunk(split_documents()), tok, tmp / TOKENIZER_FILE, procs, dtype)
+            counts = _write_splits(tmp, chunks, bar)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "vocab_size": tok.vocab_size, "dtype": dtype.name,
                 "eot_id": tok.eot_id, **counts, "tokenizer_checksum": tok.checksum, "tokenizer_file": TOKENIZER_FILE,
                 "source": src.description, "fingerprint": fingerprint, "val_fraction": settings["val_fraction"],
@@ -267,10 +253,31 @@ def _build(folder: Path, src: Source, given: Tokenizer | None, settings: dict, f
             os.replace(tmp, folder)
         except OSError:  # another process finished the same preparation first: theirs is as good as ours
             if not (folder / META_FILE).is_file():
-                raise DataError(f"{folder} exists but holds no complete prepared data; delete it and try again")
+                raise DataError(f"{folder} exists but holds no complete prepared data; delete it and try again"
+                                ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _write_splits(folder: Path, chunks: Iterable[tuple[str, np.ndarray, int, int]], bar: tqdm) -> dict:
+    """Append each chunk's ids to its split's file as it comes; count tokens, bytes and documents per split."""
+    counts = {key: dict.fromkeys(SPLITS, 0) for key in ("tokens", "bytes", "documents")}
+    files = {split: open(folder / f"{split}.bin", "wb") for split in SPLITS}
+    try:
+        for split, ids, n_bytes, n_docs in chunks:
+            files[split].write(ids.tobytes())
+            counts["tokens"][split] += len(ids)
+            counts["bytes"][split] += n_bytes
+            counts["documents"][split] += n_docs
+            bar.update(n_bytes)
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files.values():
+            f.close()
+    return counts
 
 
 def _remove_stale_temporaries(folder: Path) -> None:

@@ -251,3 +251,15 @@ def test_errors_mode_and_bad_settings(tmp_path):
     (tmp_path / "blank" / "a.txt").write_text("")
     with pytest.raises(DataError, match="the corpus has no text"):
         prepare(tmp_path / "blank", tmp_path / "cache")
+
+
+def test_a_dataset_source_prepares_like_the_same_local_file(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    docs = [f"Row {i}: " + " ".join(WORDS[i % 7:i % 7 + 6]) + "\n" for i in range(25)]
+    path.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs), encoding="utf-8")
+    local = prepare(path, tmp_path / "a", text_field="body")
+    through_datasets = prepare_data(str(path), tmp_path / "b", dataset="json", text_field="body", vocab_size=300,
+                                    num_proc=1, progress=False)
+    assert np.array_equal(local.train_tokens, through_datasets.train_tokens)
+    assert np.array_equal(local.val_tokens, through_datasets.val_tokens)
+    assert "Hugging Face dataset 'json'" in through_datasets.meta["source"]
