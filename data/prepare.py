@@ -406,7 +406,8 @@ def _encode_chunks(chunks: Iterable[tuple[str, list[str]]], tok: Tokenizer, toke
             yield split, *_encode_docs(docs, dtype, tok), len(docs)
         return
     # the platform's default start method (fork on Linux), so that scripts without a __main__ guard work there
-    with multiprocessing.get_context().Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+    context = multiprocessing.get_context()
+    with context.Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
         pending: deque = deque()
         for split, docs in chunks:
             pending.append((split, len(docs), pool.apply_async(_encode_docs, (docs, dtype))))
