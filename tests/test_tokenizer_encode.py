@@ -147,7 +147,8 @@ def small():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.characters(codec="utf-8")) | st.sampled_from(["", "\r\n", " " * 50, "😀👍🏽", "e\u0301"]))
+@given(st.text(alphabet=st.characters(codec="utf-8"))
+       | st.sampled_from(["", "\r\n", " " * 50, "😀👍🏽", "e\u0301"]))
 def test_round_trip_small_trained_tokenizer(small, text):
     assert small.decode(small.encode_ordinary(text)) == text
 

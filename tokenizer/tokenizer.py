@@ -16,7 +16,6 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from itertools import chain
-from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -198,8 +197,8 @@ class Tokenizer:
         out += self.encode_ordinary(text[start:])
         return out
 
-    def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = "none",
-                     num_proc: int | None = None) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_proc: int | None = None, *,
+                     allowed_special: AllowedSpecial = "none") -> list[list[int]]:
         """Encode many texts; with ``num_proc`` > 1 (default: every CPU for large batches) in several processes."""
         texts = list(texts)
         self._allowed(allowed_special)  # validate here, not in a worker
@@ -259,6 +258,8 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of ``ids`` (special tokens as their UTF-8 text)."""
+        if not isinstance(ids, (list, tuple, np.ndarray)):
+            ids = list(ids)
         try:
             return b"".join(map(self._decoder.__getitem__, ids))
         except (KeyError, TypeError):
