@@ -27,8 +27,10 @@ from __future__ import annotations
 import heapq
 import multiprocessing
 import os
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from itertools import chain, islice
 from typing import Union
 
 from tqdm.auto import tqdm
@@ -189,40 +191,40 @@ def _count_batch(args: tuple[str, list[str]]) -> tuple[Counter, int]:
 def count_pieces(
     texts: Union[str, Iterable[str]], pattern: str, num_proc: int | None = None, progress: bool = False
 ) -> Counter:
-    """Count each distinct piece of ``texts`` (streamed in batches; several processes when there is much text).
+    """Step 1: count each distinct piece of ``texts``, streamed in batches of about ``BATCH_CHARS`` characters.
 
-    ``num_proc=None`` uses every CPU once the input is bigger than one batch; ``num_proc=1`` stays in-process.
+    ``num_proc=None`` uses every CPU once there is more than one batch; ``num_proc=1`` stays in this process.
     Memory is bounded by the number of distinct pieces plus a few batches in flight.
     """
     compile_pattern(pattern)  # fail early, in this process, on a bad regex
     batches = _batches(texts, BATCH_CHARS)
-    total: Counter = Counter()
-    bar = tqdm(desc="counting", unit="char", unit_scale=True, disable=not progress, delay=1)
-    first = next(batches, None)
-    if first is None:
-        bar.close()
-        return total
-    second = next(batches, None)
+    head = list(islice(batches, 2))
+    work = ((pattern, batch) for batch in chain(head, batches))
     procs = num_proc if num_proc is not None else (os.cpu_count() or 1)
-    if second is None or procs <= 1:
-        for batch in ([first] if second is None else _chain_batches(first, second, batches)):
-            counter, size = _count_batch((pattern, batch))
+    total: Counter = Counter()
+    with tqdm(desc="counting", unit="char", unit_scale=True, disable=not progress, delay=1) as bar, \
+            ExitStack() as stack:
+        if len(head) < 2 or procs <= 1:
+            results: Iterator[tuple[Counter, int]] = map(_count_batch, work)
+        else:
+            pool = stack.enter_context(multiprocessing.get_context().Pool(procs))
+            results = _bounded_imap(pool, _count_batch, work, window=2 * procs)
+        for counter, size in results:
             total.update(counter)
             bar.update(size)
-    else:
-        work = ((pattern, b) for b in _chain_batches(first, second, batches))
-        with multiprocessing.get_context().Pool(procs) as pool:
-            for counter, size in pool.imap_unordered(_count_batch, work):
-                total.update(counter)
-                bar.update(size)
-    bar.close()
     return total
 
 
-def _chain_batches(first: list[str], second: list[str], rest: Iterator[list[str]]) -> Iterator[list[str]]:
-    yield first
-    yield second
-    yield from rest
+def _bounded_imap(pool, fn, items: Iterable, window: int) -> Iterator:
+    """Like ``pool.imap`` (results in order) but with at most ``window`` tasks queued: Pool.imap reads its whole
+    input ahead, which for a multi-GB corpus would hold all of it in memory."""
+    in_flight: deque = deque()
+    for item in items:
+        in_flight.append(pool.apply_async(fn, (item,)))
+        if len(in_flight) >= window:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
 
 
 def train_bpe(
