@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tomllib
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from minigpt.config import GPTConfig, TrainConfig
 from minigpt.errors import ConfigError, run_cli
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: TOML needs 3.11's tomllib; JSON files still work
+    tomllib = None
 
 # The model's vocabulary size comes from the tokenizer (--vocab-size sets the tokenizer's).
 DERIVED_MODEL_FIELDS = ("vocab_size",)
@@ -60,9 +64,11 @@ def read_config_file(path: str) -> dict[str, Any]:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if file.suffix != ".json" and tomllib is None:
+        raise ConfigError(f"reading TOML ({path}) needs Python 3.11 or newer; write the settings as JSON instead")
     try:
         values = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (json.JSONDecodeError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
         raise ConfigError(f"config file {path} is not valid {'JSON' if file.suffix == '.json' else 'TOML'}: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a table of settings")

@@ -175,27 +175,24 @@ class _Run:
 
         if not self.world.enabled:
             return prepare()
-        ok = torch.zeros(1, device=self.device)
-        prepared = None
+        ok = torch.zeros(1, device=self.device)  # broadcast doubles as the barrier the other ranks wait at
         if self.world.main:
-            try:  # an error is raised after the others have been told not to wait
+            try:  # on an error the others are told not to wait, then it propagates
                 prepared = prepare()
                 ok += 1
             finally:
                 dist.broadcast(ok, 0)
-        else:
-            dist.broadcast(ok, 0)
-            if not ok.item():
-                raise TrainingError("rank 0 could not prepare the data (see its error)")
-            prepared = prepare()
-        return prepared
+            return prepared
+        dist.broadcast(ok, 0)
+        if not ok.item():
+            raise TrainingError("rank 0 could not prepare the data (see its error)")
+        return prepare()
 
     def _check_data_size(self) -> None:
         cfg, T = self.cfg, self.model_config.block_size
         shards = self.world.world_size * cfg.grad_accum
-        need = shards * (T + 1)
         train_n, val_n = len(self.data.train_tokens), len(self.data.val_tokens)
-        if train_n < need:
+        if train_n < shards * (T + 1):
             per_shard = f" for each of {shards} data shards (processes × grad_accum)" if shards > 1 else ""
             raise ConfigError(f"the training split has {train_n} tokens, too few for one window of {T + 1} tokens "
                               f"(block size + 1){per_shard}; use more data or a smaller --block-size")
@@ -213,7 +210,7 @@ class _Run:
         if same_layout:
             set_rng_state(state["rng"][rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             for m, loader in enumerate(self.loaders):
-                loader.load_state_dict(state["loaders"][rank * cfg.grad_accum + m])
+                loader.load_state_dict(state["loaders"][loader_rank(rank, m, cfg.grad_accum)])
         else:  # the batches cannot be replayed: draw fresh ones, not those of step 0 again
             self._print(f"note: the checkpoint was written by {state['world_size']} process(es) × grad_accum "
                         f"{state['grad_accum']}; data order restarts from a new seed")

@@ -46,6 +46,10 @@ def test_short_run_lowers_validation_loss(tmp_path, corpus):
     assert best_config["step"] == min(evals[1:], key=lambda e: e["val_loss"])["step"]  # step 0 is not saved
 
 
+def untimed(rs):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
+
+
 def _interrupt_at(monkeypatch, batches):
     """Deliver a real SIGINT while the loader hands out batch number `batches` (as Ctrl-C would)."""
     real = BatchLoader.next_batch
@@ -73,7 +77,6 @@ def test_ctrl_c_saves_and_resume_is_bit_exact(tmp_path, corpus, monkeypatch):
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in records(straight, "train")] == [r["loss"] for r in records(resumed, "train")]
-    untimed = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
     assert untimed(records(straight, "eval")) == untimed(records(resumed, "eval"))
 
 
