@@ -21,12 +21,14 @@ from typing import Union
 import numpy as np
 import regex
 
+from . import formats
 from .errors import TokenizerError
 from .patterns import GPT4_PATTERN, compile_pattern, fast_equivalent, pattern_from_name
+from .trainer import train_bpe
 
 EOT = "<|endoftext|>"
 
-# Pieces longer than this use the heap-and-linked-list merge (n log n); shorter ones the simple scan.
+# Pieces longer than this use the linked-list merge with rank buckets (about n log n); shorter ones the simple scan.
 LONG_PIECE = 64
 # The piece cache is cleared when it grows past this many entries (bounds memory on endless streams).
 CACHE_LIMIT = 1 << 20
@@ -41,12 +43,14 @@ class Tokenizer:
                  special_tokens: dict[str, int] | None = None) -> None:
         special_tokens = dict(special_tokens or {})
         _check_vocab(ranks, special_tokens)
+        pattern = pattern_from_name(pattern)
         self.pattern = pattern
         self.special_tokens = special_tokens
         self._ranks = dict(ranks)
         self._split = compile_pattern(fast_equivalent(pattern)).findall
         self._decoder: dict[int, bytes] = {i: b for b, i in self._ranks.items()}
         self._decoder.update((i, s.encode("utf-8")) for s, i in special_tokens.items())
+        self._vocab_size = max(self._decoder) + 1
         self._max_token_len = max(len(b) for b in self._ranks)
         self._special_split = (
             regex.compile("|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
@@ -65,8 +69,6 @@ class Tokenizer:
         ``texts`` is one string or an iterable of strings, streamed (never joined). ``pattern`` is a regex or
         "gpt2"/"gpt4". See :mod:`tokenizer.trainer` for the algorithm and the tie-break rule.
         """
-        from .trainer import train_bpe
-
         pattern = pattern_from_name(pattern)
         special_tokens = list(special_tokens)
         if len(set(special_tokens)) != len(special_tokens) or not all(isinstance(s, str) and s for s in special_tokens):
@@ -86,42 +88,32 @@ class Tokenizer:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
         """Load our versioned JSON file (see :mod:`tokenizer.formats`)."""
-        from .formats import load_json
-
-        return load_json(path)
+        return formats.load_json(path)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write our versioned JSON file atomically (temp file + rename)."""
-        from .formats import save_json
-
-        save_json(self, path)
+        formats.save_json(self, path)
 
     @classmethod
     def from_tiktoken(cls, path: Union[str, os.PathLike], pattern: str = GPT4_PATTERN,
                       special_tokens: dict[str, int] | None = None) -> "Tokenizer":
         """Import a tiktoken rank file (``base64-token rank`` per line), e.g. ``cl100k_base.tiktoken``."""
-        from .formats import read_tiktoken
-
-        return cls(read_tiktoken(path), pattern_from_name(pattern), special_tokens)
+        return cls(formats.read_tiktoken(path), pattern, special_tokens)
 
     def save_tiktoken(self, path: Union[str, os.PathLike]) -> None:
         """Export the mergeable ranks as a tiktoken rank file (special tokens are not part of that format)."""
-        from .formats import write_tiktoken
-
-        write_tiktoken(self.mergeable_ranks, path)
+        formats.write_tiktoken(self.mergeable_ranks, path)
 
     def save_huggingface(self, path: Union[str, os.PathLike]) -> None:
         """Export a Hugging Face ``tokenizer.json`` that gives the same ids as this tokenizer."""
-        from .formats import save_huggingface
-
-        save_huggingface(self, path)
+        formats.save_huggingface(self, path)
 
     # ---------------------------------------------------------------- properties
 
     @property
     def vocab_size(self) -> int:
         """Number of ids: the largest id + 1 (the size an embedding table needs)."""
-        return max(max(self._decoder), 0) + 1
+        return self._vocab_size
 
     @property
     def eot_id(self) -> int | None:
@@ -382,6 +374,8 @@ def _check_vocab(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> Non
     if missing:
         raise TokenizerError(f"not a byte-level vocabulary: {len(missing)} single-byte token(s) missing "
                              f"(first: byte {missing[0]}); every byte 0..255 needs an id")
+    if not all(isinstance(s, str) and s for s in special_tokens):
+        raise TokenizerError(f"special tokens must be non-empty strings, got {sorted(special_tokens)!r}")
     ids = list(ranks.values()) + list(special_tokens.values())
     if len(set(ids)) != len(ids) or min(ids) < 0:
         raise TokenizerError("token ids must be distinct non-negative integers (mergeable and special tokens)")
