@@ -66,7 +66,7 @@ def reference_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         ln = lambda m, t: F.layer_norm(t, (cfg.n_embd,), m.weight, m.bias)  # noqa: E731
         x = x + reference_attention(block.attn, ln(block.ln_1, x), cfg.positions == "alibi")
         hdn = ln(block.ln_2, x) @ block.mlp.fc.weight.T + block.mlp.fc.bias
-        gelu = 0.5 * hdn * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hdn + 0.044715 * hdn**3)))
+        gelu = 0.5 * hdn * (1 + torch.erf(hdn / math.sqrt(2)))
         x = x + gelu @ block.mlp.proj.weight.T + block.mlp.proj.bias
     x = F.layer_norm(x, (cfg.n_embd,), model.ln_f.weight, model.ln_f.bias)
     return x @ model.wte.weight.T
