@@ -45,6 +45,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for every position, and the mean cross-entropy against `targets` when given."""
+        check_token_ids(idx, self.config.vocab_size)
         logits = self.head(self.hidden_states(idx))
         if targets is None:
             return logits, None
@@ -54,8 +55,10 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """The final-LayerNorm output (B, T, n_embd) for `idx`, which continues whatever `cache` holds."""
-        check_token_ids(idx, self.config.vocab_size)
+        """The final-LayerNorm output (B, T, n_embd) for `idx`, which continues whatever `cache` holds.
+
+        The ids are not checked here (forward and generate check them once) so that a generation step stays cheap.
+        """
         _, T = idx.shape
         start = cache.length if cache is not None else 0
         x = self.wte(idx)
@@ -178,9 +181,8 @@ class CausalSelfAttention(nn.Module):
                 layer: int = 0) -> Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, H, T, d_head): views only; SDPA reads the strided layout directly.
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0) if cache is None else (qkv[0], *cache.update(layer, qkv[1:]))
         if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
             attn_mask = attn_mask.to(q.dtype)  # under autocast q is half precision; SDPA wants matching types
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -217,20 +219,19 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, capacity: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (n_layer, batch_size, n_head, capacity, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        # keys and values side by side: one copy stores both
+        self.kv = torch.empty(n_layer, 2, batch_size, n_head, capacity, head_dim, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0  # positions stored in every layer; GPT.hidden_states advances it after the last layer
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this layer's new keys/values (B, H, T, d_head) and return all of them so far."""
-        end = self.length + k.shape[2]
+    def update(self, layer: int, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this layer's new keys and values (2, B, H, T, d_head); return all keys and values so far."""
+        end = self.length + kv.shape[3]
         if end > self.capacity:
             raise ConfigError(f"KV cache holds {self.capacity} positions; cannot add up to position {end}")
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        stored = self.kv[layer]
+        stored[:, :, :, self.length:end] = kv
+        return stored[0, :, :, :end], stored[1, :, :, :end]
 
     def reset(self) -> None:
         """Forget every position (the buffers are reused)."""
@@ -257,7 +258,7 @@ def _position_embedding(config: GPTConfig) -> nn.Module | None:
 
 
 def _dropout(p: float) -> nn.Module:
-    """nn.Dropout, or nothing at all when p = 0 (saves a call per layer on the hot path)."""
+    """nn.Dropout, or a plain pass-through when p = 0 (no random mask to draw in training)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
