@@ -86,7 +86,8 @@ def test_byte_level_training_equals_reference_with_min_frequency():
 
 def test_training_is_deterministic_and_streaming_matches_one_string():
     rng = random.Random(0)
-    docs = ["\n".join(" ".join(rng.choice(["alpha", "beta", "gamma", "x1", "(y)", "  z"]) for _ in range(20))
+    words = ["alpha", "beta", "gamma", "x1", "(y)", "  z", "w  ", "q.", "\t", "\r", "é"]
+    docs = ["\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
                       for _ in range(30)) + "\n" for _ in range(20)]
     a = Tokenizer.train(docs, vocab_size=320, progress=False, num_proc=1)
     b = Tokenizer.train(iter(docs), vocab_size=320, progress=False, num_proc=1)
@@ -101,6 +102,21 @@ def test_training_is_deterministic_and_streaming_matches_one_string():
         for chunk in chunks:
             per_chunk.update(count_pieces(chunk, pattern, num_proc=1))
         assert per_chunk == count_pieces(whole, pattern, num_proc=1)
+
+
+def test_file_streaming_gives_the_pieces_of_the_whole_file(tmp_path):
+    from tokenizer.textfiles import iter_file_text
+    rng = random.Random(2)
+    text = "".join(rng.choice(["word", " ", "  ", "\n", "\r\n", "é", "😀", ".", "12"]) for _ in range(20_000))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    chunks = list(iter_file_text(path, block_bytes=500))
+    assert len(chunks) > 20 and "".join(chunks) == text
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        per_chunk = Counter()
+        for chunk in chunks:
+            per_chunk.update(count_pieces(chunk, pattern, num_proc=1))
+        assert per_chunk == count_pieces(text, pattern, num_proc=1)
 
 
 def test_counting_in_several_processes_equals_one(monkeypatch):

@@ -33,10 +33,13 @@ _FAST_EQUIVALENTS = {
                   r"""\s*[\r\n]|\s+(?!\S)|\s""",
 }
 
-# A newline followed by a non-space character: both patterns always end a piece there, so a long text can be cut
-# at such a point and pre-split chunk by chunk with exactly the pieces of the whole (used to stream big inputs).
-_SAFE_CUT = regex.compile(r"\n(?=\S)")
-_LAST_SAFE_CUT = regex.compile(r"(?r)\n(?=\S)")
+# A newline between two non-space characters ("x\ny"): both patterns always end a piece right after it, and the
+# piece before it ends the same way whether or not the text stops there, so a long text can be cut at such a
+# point and pre-split chunk by chunk with exactly the pieces of the whole (used to stream big inputs). Not after
+# "  \n" or "\r\n": at the end of a text GPT-2's pattern keeps that whitespace in one piece ("\s++$") but splits
+# it before a following word.
+_SAFE_CUT = regex.compile(r"(?<=\S)\n(?=\S)")
+_LAST_SAFE_CUT = regex.compile(r"(?r)(?<=\S)\n(?=\S)")
 
 
 def pattern_from_name(name_or_regex: str) -> str:
@@ -67,12 +70,12 @@ def compile_pattern(pattern: str) -> regex.Pattern:
 
 
 def next_safe_cut(text: str, pos: int) -> int:
-    """First index >= ``pos`` right after a newline that precedes a non-space character (len(text) if none)."""
+    """First index >= ``pos`` right after a newline between two non-space characters (len(text) if none)."""
     match = _SAFE_CUT.search(text, max(pos - 1, 0))
     return match.end() if match else len(text)
 
 
 def last_safe_cut(text: str) -> int:
-    """Last index right after a newline that precedes a non-space character (0 if none)."""
+    """Last index right after a newline between two non-space characters (0 if none)."""
     match = _LAST_SAFE_CUT.search(text)
     return match.end() if match else 0

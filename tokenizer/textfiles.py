@@ -28,9 +28,10 @@ def iter_file_text(path: Union[str, os.PathLike], errors: str = "strict",
                    block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
     """Yield the text of a UTF-8 file in chunks of about ``block_bytes``.
 
-    Chunks end where the GPT-2/GPT-4 patterns always split (a newline before a non-space character), so
-    pre-splitting chunk by chunk gives the same pieces as the whole file. Invalid UTF-8 raises TokenizerError
-    naming the byte offset, unless ``errors="replace"`` (bad bytes become U+FFFD).
+    Chunks end at a newline between two non-space characters, where pre-splitting chunk by chunk gives the same
+    pieces as the whole file (GPT-2/GPT-4 patterns). A file without such newlines for 16 blocks (say, CR LF line
+    ends only) is cut anyway, which may change one piece per cut. Invalid UTF-8 raises TokenizerError naming the
+    byte offset, unless ``errors="replace"`` (bad bytes become U+FFFD).
     """
     path = check_readable(path)
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)

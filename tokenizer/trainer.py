@@ -146,10 +146,11 @@ def index_pairs(pieces: list[list[int]], counts: list[int]) -> tuple[dict[int, i
 
 
 def iter_text_chunks(text: str, max_chars: int = BATCH_CHARS) -> Iterator[str]:
-    """Cut a long text into chunks of about ``max_chars`` at newlines followed by a non-space character.
+    """Cut a long text into chunks of about ``max_chars`` at newlines between two non-space characters.
 
-    The GPT-2 and GPT-4 patterns always end a piece there, so counting chunk by chunk gives exactly the pieces
-    of the whole text (a custom pattern whose pieces cross such a point may split differently at the cuts).
+    The GPT-2 and GPT-4 patterns split there the same way in the chunk as in the whole (see patterns.py), so
+    counting chunk by chunk gives exactly the pieces of the whole text. A custom pattern may split differently
+    at the cuts, and a text with no such newline stays one chunk.
     """
     start, n = 0, len(text)
     while n - start > max_chars:
