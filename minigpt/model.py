@@ -116,8 +116,7 @@ class GPT(nn.Module):
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `capacity` positions."""
         c = self.config
-        w = self.wte.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, capacity, c.n_embd // c.n_head, w.dtype, w.device)
+        return KVCache(c.n_layer, batch_size, c.n_head, capacity, c.n_embd // c.n_head)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Number of distinct parameters (a tied head counts once).
@@ -217,10 +216,11 @@ class KVCache:
     allocated once for `capacity` positions, so appending writes one slot rather than copying the history.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        # keys and values side by side: one copy stores both
-        self.kv = torch.empty(n_layer, 2, batch_size, n_head, capacity, head_dim, dtype=dtype, device=device)
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, capacity: int, head_dim: int) -> None:
+        # Keys and values side by side, so that one copy stores both. Allocated on first use, in the dtype the
+        # keys actually have (half precision under autocast) and on their device.
+        self.shape = (n_layer, 2, batch_size, n_head, capacity, head_dim)
+        self.kv: Tensor | None = None
         self.capacity = capacity
         self.length = 0  # positions stored in every layer; GPT.hidden_states advances it after the last layer
 
@@ -229,6 +229,8 @@ class KVCache:
         end = self.length + kv.shape[3]
         if end > self.capacity:
             raise ConfigError(f"KV cache holds {self.capacity} positions; cannot add up to position {end}")
+        if self.kv is None:
+            self.kv = kv.new_empty(self.shape)
         stored = self.kv[layer]
         stored[:, :, :, self.length:end] = kv
         return stored[0, :, :, :end], stored[1, :, :, :end]

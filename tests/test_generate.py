@@ -170,3 +170,12 @@ def test_prompt_ids_outside_the_vocabulary_are_refused():
     model = tiny("alibi")
     with pytest.raises(ConfigError, match="token ids"):
         model.generate(torch.tensor([[3, 40]]), 3)
+
+
+def test_cache_takes_the_dtype_of_the_keys_under_autocast():
+    model = tiny("alibi")
+    idx = prompt()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = model.generate(idx, 8, temperature=0, use_cache=True)
+        full = model.generate(idx, 8, temperature=0, use_cache=False)
+    assert cached.shape == full.shape == (2, 13)
