@@ -18,6 +18,8 @@ from .config import GPTConfig
 from .errors import ConfigError
 from .positions import ALiBi, LearnedPositions, SinusoidalPositions
 
+INIT_STD = 0.02  # GPT-2's standard deviation for weights and embeddings (and the sinusoids' scale, see positions.py)
+
 
 class GPT(nn.Module):
     """Decoder-only transformer language model: ``logits, loss = model(idx, targets)``."""
@@ -41,7 +43,7 @@ class GPT(nn.Module):
         # scaling the projections that write into it by 1/sqrt(2 * n_layer) keeps the sum's variance near 1.
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(proj.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for every position, and the mean cross-entropy against `targets` when given."""
@@ -255,7 +257,7 @@ def _position_embedding(config: GPTConfig) -> nn.Module | None:
     if config.positions == "learned":
         return LearnedPositions(config.block_size, config.n_embd)
     if config.positions == "sinusoidal":
-        return SinusoidalPositions(config.block_size, config.n_embd)
+        return SinusoidalPositions(config.block_size, config.n_embd, scale=INIT_STD)
     return None
 
 
@@ -267,6 +269,6 @@ def _dropout(p: float) -> nn.Module:
 def _init_gpt2(module: nn.Module) -> None:
     """GPT-2's initialisation: N(0, 0.02) weights, zero biases (LayerNorms keep their ones and zeros)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)

