@@ -11,9 +11,6 @@ from minigpt.checkpoint import CheckpointError, load_model, load_train_state, sa
 from minigpt.optim import make_optimizer
 from tokenizer import Tokenizer
 
-from test_train_helpers import one_thread  # noqa: F401 (fixture)
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 40
 

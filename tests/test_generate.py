@@ -8,14 +8,7 @@ from minigpt import GPT, GPTConfig
 from minigpt.errors import ConfigError
 from minigpt.generate import choose_next, generate_tokens
 
-KINDS = ("learned", "sinusoidal", "alibi")
-
-
-def tiny(positions: str, **overrides) -> GPT:
-    torch.manual_seed(0)
-    values = dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, positions=positions)
-    values.update(overrides)
-    return GPT(GPTConfig(**values)).eval()
+from helpers import KINDS, tiny
 
 
 def prompt(batch=2, length=5, seed=0):

@@ -12,15 +12,7 @@ from minigpt.errors import ConfigError
 from minigpt.model import INIT_STD
 from minigpt.positions import alibi_mask, alibi_slopes, sinusoidal_table
 
-KINDS = ("learned", "sinusoidal", "alibi")
-
-
-def tiny(positions: str, **overrides) -> GPT:
-    torch.manual_seed(0)
-    values = dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, positions=positions)
-    values.update(overrides)
-    return GPT(GPTConfig(**values)).eval()
-
+from helpers import KINDS, tiny
 
 # ---------------------------------------------------------------- a slow reference forward pass, written out
 

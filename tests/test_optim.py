@@ -9,10 +9,6 @@ from torch import nn
 from minigpt import GPT, GPTConfig
 from minigpt.optim import clip_grad_norm, lr_at, make_optimizer, param_groups
 
-from test_train_helpers import one_thread  # noqa: F401 (fixture)
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def reference_lr(step, lr, min_lr, warmup, decay):
     """Written independently: piecewise in numpy terms."""

@@ -13,9 +13,7 @@ from minigpt.checkpoint import load_model, read_config
 from minigpt.errors import CheckpointError, ConfigError
 from minigpt.trainer import TrainingError, train
 
-from test_train_helpers import one_thread, tiny_config, write_corpus  # noqa: F401 (fixture)
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from helpers import tiny_config, write_corpus
 
 
 @pytest.fixture(scope="module")

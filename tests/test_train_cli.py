@@ -11,7 +11,7 @@ import torch
 from minigpt.checkpoint import read_config
 from minigpt.trainer import train
 
-from test_train_helpers import tiny_config, write_corpus
+from helpers import tiny_config, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--vocab-size", "300", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from minigpt.checkpoint import load_model
 from minigpt.trainer import train
 
-from test_train_helpers import one_thread, tiny_config, write_corpus  # noqa: F401 (fixture)
+from helpers import tiny_config, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,6 @@ def losses(out):
             [loss for r in records if r["kind"] == "eval" for loss in (r["train_loss"], r["val_loss"])])
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_two_processes_match_one_process_with_double_accumulation(tmp_path):
     corpus, cache = write_corpus(tmp_path / "corpus.txt"), tmp_path / "cache"
     common = dict(max_iters=12, eval_interval=6, batch_size=4, lr=3e-3)

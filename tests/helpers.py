@@ -1,11 +1,13 @@
-"""Shared by the training tests: a tiny synthetic corpus, a tiny TrainConfig, single-threaded torch."""
+"""Shared by the tests: a tiny model, a tiny synthetic corpus, a tiny TrainConfig."""
 import random
 from pathlib import Path
 
-import pytest
 import torch
 
+from minigpt import GPT
 from minigpt.config import GPTConfig, TrainConfig
+
+KINDS = ("learned", "sinusoidal", "alibi")
 
 WORDS = ("the a one every small large red blue cat dog bird fish sees eats likes finds near under over with "
          "and but then quickly slowly today").split()
@@ -32,11 +34,9 @@ def tiny_config(corpus: Path, cache: Path, out: Path, model: dict | None = None,
     return TrainConfig(model=GPTConfig(**{**shape, **(model or {})}), **values)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: handing them to several threads costs more than the work, and on a busy CI machine
-    oversubscribed OpenMP threads spin (10x slower here). Restored afterwards for other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tiny(positions: str, **overrides) -> GPT:
+    """A 2-layer, 32-wide model in eval mode, seeded: small enough for reference computations in tests."""
+    torch.manual_seed(0)
+    values = dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, positions=positions)
+    values.update(overrides)
+    return GPT(GPTConfig(**values)).eval()
