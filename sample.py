@@ -112,8 +112,7 @@ def evaluate_file(args, model, tokenizer, config, device, autocast) -> int:
 def generate(args, model, tokenizer, device, autocast) -> int:
     import torch
 
-    from minigpt.generate import generate_tokens
-    from minigpt.textstream import TextStream
+    from minigpt.textstream import SampleStream
 
     prompt = read_text(args.prompt_file, "prompt file") if args.prompt_file else (
         read_text("-", "prompt from") if args.prompt == "-" else args.prompt)
@@ -122,37 +121,27 @@ def generate(args, model, tokenizer, device, autocast) -> int:
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
-    settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")}
     samples = []
     for n in range(args.num_samples):
-        tokens = generate_tokens(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                 use_cache=not args.no_cache, generator=generator, stop_id=tokenizer.eot_id)
+        stream = SampleStream(model, tokenizer, idx, args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache, generator=generator,
+                              stop=args.stop)
         if not args.json:
-            if args.num_samples > 1:
-                print(f"--- sample {n + 1} ---")
-            print(prompt, end="", flush=True)
-        stream = TextStream(tokenizer, stop=args.stop)
-        count, finish, start = 0, "length", time.perf_counter()
+            print(f"--- sample {n + 1} ---\n" if args.num_samples > 1 else "", prompt, sep="", end="", flush=True)
+        start = time.perf_counter()
         with autocast:
-            for next_id in tokens:
-                token = int(next_id[0])
-                if token == tokenizer.eot_id:
-                    finish = "end_of_text"
-                    break
-                count += 1
-                shown = stream.push(token)
+            for piece in stream:
                 if not args.json:
-                    print(shown, end="", flush=True)
-                if stream.stopped:
-                    finish = "stop"
-                    break
-        tail = stream.finish()
+                    print(piece, end="", flush=True)
         seconds = time.perf_counter() - start
-        samples.append({"text": stream.text, "tokens": count, "finish_reason": finish, "seconds": round(seconds, 4)})
+        samples.append({"text": stream.text, "tokens": stream.tokens, "finish_reason": stream.finish_reason,
+                        "seconds": round(seconds, 4)})
         if not args.json:
-            print(tail)
-            print(f"[{count} tokens in {seconds:.2f}s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+            print()
+            print(f"[{stream.tokens} tokens in {seconds:.2f}s, {stream.tokens / max(seconds, 1e-9):.1f} tokens/s]",
+                  file=sys.stderr)
     if args.json:
+        settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")}
         print(json.dumps({"prompt": prompt, "prompt_tokens": len(ids), "samples": samples, "settings": settings,
                           "out_dir": args.out_dir}, ensure_ascii=False))
     return 0

@@ -9,7 +9,12 @@ prefix of the final text.
 from __future__ import annotations
 
 import codecs
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+
+if TYPE_CHECKING:  # the decoding half of this module needs no torch
+    import torch
+
+    from .model import GPT
 
 
 class _BytesDecoder(Protocol):
@@ -65,3 +70,46 @@ class TextStream:
                     longest = n
                     break
         return longest
+
+
+class SampleStream:
+    """One sample as text, piece by piece while the model writes it: ``for piece in SampleStream(...): print(piece)``.
+
+    It ends at max_new_tokens (finish_reason "length"), at the tokenizer's end-of-text token ("end_of_text", not
+    part of the text) or at a stop string ("stop"). Afterwards `text`, `tokens` (ids generated, the end-of-text id
+    not counted) and `finish_reason` describe it. The sampling arguments are those of `generate_tokens`, checked
+    here at construction, before anything is generated.
+    """
+
+    def __init__(self, model: "GPT", tokenizer, prompt_ids: "torch.Tensor", max_new_tokens: int, *,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 use_cache: bool = True, generator: "torch.Generator | None" = None, stop: Sequence[str] = ()) -> None:
+        from .generate import generate_tokens
+
+        self._next_ids = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, use_cache,
+                                         generator, stop_id=tokenizer.eot_id)
+        self._eot_id = tokenizer.eot_id
+        self._text = TextStream(tokenizer, stop)
+        self.tokens = 0
+        self.finish_reason = "length"
+
+    @property
+    def text(self) -> str:
+        return self._text.text
+
+    def __iter__(self) -> Iterator[str]:
+        for next_id in self._next_ids:
+            token = int(next_id[0])
+            if token == self._eot_id:
+                self.finish_reason = "end_of_text"
+                break
+            self.tokens += 1
+            piece = self._text.push(token)
+            if piece:
+                yield piece
+            if self._text.stopped:
+                self.finish_reason = "stop"
+                break
+        tail = self._text.finish()
+        if tail:
+            yield tail
