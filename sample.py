@@ -76,7 +76,7 @@ def main() -> int:
     import torch  # after the arguments are known to be valid: a typo answers at once
 
     from minigpt.checkpoint import load_model
-    from minigpt.trainer import autocast_dtype, resolve_device
+    from minigpt.device import autocast_dtype, resolve_device
 
     device = resolve_device(args.device)
     amp_dtype = autocast_dtype(args.dtype, device)

@@ -31,6 +31,7 @@ from data.prepare import PreparedData, prepare_data
 from .checkpoint import (RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state, read_config,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import GPTConfig, TrainConfig
+from .device import autocast_dtype, resolve_device
 from .errors import CheckpointError, ConfigError, MinigptError
 from .evaluate import evaluate_loss
 from .model import GPT
@@ -75,27 +76,6 @@ def train(cfg: TrainConfig) -> Path:
     finally:
         if world.enabled:
             dist.destroy_process_group()
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto → cuda, else mps, else cpu; an accelerator that is asked for but absent is a ConfigError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name} was given but CUDA is not available on this machine "
-                              f"(torch {torch.__version__}); use --device cpu or --device auto")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps was given but MPS is not available; use --device cpu or --device auto")
-    return torch.device(name)
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = plain float32): bfloat16 on CUDA under "auto", float32 elsewhere."""
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 class _Run:
