@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="sample only from the nucleus of mass p, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (may repeat)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", type=unescape,
+                   help="stop at this text, not printed (may repeat; escapes such as \\n are understood)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (for comparison)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA)|float32|bfloat16")
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="--eval windows per batch (default: the training one)")
     p.add_argument("--eval-batches", type=int, default=None, help="--eval at most this many batches (default: all)")
     return p
+
+
+def unescape(text: str) -> str:
+    """`--stop "\\n\\n"` means two newlines, as a shell cannot easily pass them; other characters pass unchanged."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def read_text(path: str, what: str) -> str:

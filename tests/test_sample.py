@@ -207,3 +207,9 @@ def test_cli_process_streams_and_reports_user_errors_without_traceback(run_dir):
     assert ok.returncode == 0 and ok.stdout.startswith("x") and "tokens/s" in ok.stderr
     bad = subprocess.run(command + ["--top-k", "0"], capture_output=True, text=True, timeout=120)
     one_line_error(bad, "top_k")
+
+
+def test_stop_strings_understand_escapes_and_keep_other_text():
+    assert SAMPLE_CLI.unescape(r"\n\n") == "\n\n"
+    assert SAMPLE_CLI.unescape(r"end\t") == "end\t"
+    assert SAMPLE_CLI.unescape("naïve 日本 🙂") == "naïve 日本 🙂"
