@@ -140,3 +140,12 @@ def test_huggingface_export_of_cl100k_gives_identical_ids(hf_tokenizers, tmp_pat
     digits = " ".join(str(rng.randint(0, 10**12)) for _ in range(2000))
     text = sample_text() + digits
     assert hf_ids(hf_tokenizers, tok, tmp_path / "tokenizer.json", text) == tok.encode_ordinary(text)
+
+
+def test_saved_file_has_normal_permissions(trained, tmp_path):
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    path = tmp_path / "tok.json"
+    trained.save(path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -34,6 +34,16 @@ VERSION = 1
 PathLike = Union[str, os.PathLike]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask is process-wide, so reading it on every write would race with other threads.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def atomic_write(path: PathLike, data: Union[str, bytes]) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
@@ -46,6 +56,9 @@ def atomic_write(path: PathLike, data: Union[str, bytes]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
