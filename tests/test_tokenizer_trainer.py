@@ -144,3 +144,14 @@ def test_empty_corpus_is_an_error():
         Tokenizer.train(["", ""], vocab_size=300, progress=False)
     with pytest.raises(TokenizerError, match="must be str"):
         Tokenizer.train([b"bytes"], vocab_size=300, progress=False)
+
+
+def test_pattern_with_capturing_group_is_refused():
+    with pytest.raises(TokenizerError, match=r"\(\?:\.\.\.\)"):
+        Tokenizer.train("hello world", vocab_size=300, pattern=r" ?(\w+)|\s", progress=False, num_proc=1)
+    Tokenizer.train("hello world", vocab_size=300, pattern=r" ?(?:\w+)|\s|.", progress=False, num_proc=1)
+
+
+def test_pattern_that_skips_text_is_refused():
+    with pytest.raises(TokenizerError, match="does not cover all of the text"):
+        Tokenizer.train("hello, world!", vocab_size=300, pattern=r" ?\w+", progress=False, num_proc=1)

@@ -64,6 +64,9 @@ def compile_pattern(pattern: str) -> regex.Pattern:
         compiled = regex.compile(pattern)
     except regex.error as e:
         raise TokenizerError(f"invalid split pattern {pattern!r}: {e}; pass 'gpt2', 'gpt4' or a valid regex") from None
+    if compiled.groups:
+        raise TokenizerError(f"split pattern {pattern!r} has a capturing group, which would keep only the group's "
+                             f"text of each piece; write (?:...) instead of (...)")
     if compiled.fullmatch("") is not None:
         raise TokenizerError(f"split pattern {pattern!r} matches the empty string; every piece must be non-empty")
     return compiled

@@ -185,7 +185,11 @@ def _count_batch(args: tuple[str, list[str]]) -> tuple[Counter, int]:
     findall = compile_pattern(fast_equivalent(pattern)).findall
     counter: Counter = Counter()
     for text in batch:
-        counter.update(findall(text))
+        pieces = findall(text)
+        if sum(map(len, pieces)) != len(text):  # text between matches would silently be dropped from training
+            raise TokenizerError(f"split pattern {pattern!r} does not cover all of the text: some characters are "
+                                 f"in no piece; add an alternative such as |\\s|. that matches what is left")
+        counter.update(pieces)
     return counter, sum(len(t) for t in batch)
 
 
