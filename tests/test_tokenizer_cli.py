@@ -59,6 +59,8 @@ def test_encode_decode_show_info(workdir):
     (["encode", "-t", "tok.json", "x <|endoftext|>"], "allowed-special"),
     (["decode", "-t", "tok.json", "1", "100000"], "cannot decode id 100000"),
     (["decode", "-t", "tok.json", "1", "two"], "not a token id"),
+    (["decode", "-t", "tok.json", "--", "--5"], "'--5' is not a token id"),
+    (["decode", "-t", "tok.json", "1", "\u00b2"], "'\u00b2' is not a token id"),
     (["info", "-t", "a.txt"], "not a valid tokenizer JSON"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(workdir, args, message):

@@ -126,13 +126,16 @@ def _encode(args: argparse.Namespace) -> None:
 def _decode(args: argparse.Namespace) -> None:
     tok = Tokenizer.load(args.tokenizer)
     words = args.ids or sys.stdin.read().split()
-    try:
-        ids = [int(w) for w in words]
-    except ValueError:
-        bad = next(w for w in words if not w.lstrip("-").isdigit())
-        raise TokenizerError(f"{bad!r} is not a token id; pass integers separated by spaces") from None
+    ids = [_token_id(w) for w in words]
     sys.stdout.write(tok.decode(ids))
     sys.stdout.flush()
+
+
+def _token_id(word: str) -> int:
+    try:
+        return int(word)
+    except ValueError:
+        raise TokenizerError(f"{word!r} is not a token id; pass integers separated by spaces") from None
 
 
 def _show(args: argparse.Namespace) -> None:
