@@ -24,6 +24,8 @@ except ModuleNotFoundError:  # Python 3.10: TOML needs 3.11's tomllib; JSON file
 
 # The model's vocabulary size comes from the tokenizer (--vocab-size sets the tokenizer's).
 DERIVED_MODEL_FIELDS = ("vocab_size",)
+# What --resume does not take from the checkpoint: where and how this run happens, not what it trains.
+MACHINE_SETTINGS = ("out_dir", "resume", "overwrite", "device", "dtype", "compile", "progress")
 
 
 def _settable_fields() -> list[tuple[type, Any]]:
@@ -100,7 +102,7 @@ def _checkpoint_settings(out_dir: str) -> dict[str, Any]:
 
     saved = read_config(out_dir)
     settings = {k: v for k, v in saved.get("train", {}).items()
-                if k in TrainConfig.__dataclass_fields__ and k not in ("out_dir", "resume", "overwrite")}
+                if k in TrainConfig.__dataclass_fields__ and k not in MACHINE_SETTINGS}
     settings.update({k: v for k, v in saved["model"].items() if k not in DERIVED_MODEL_FIELDS})
     return settings
 

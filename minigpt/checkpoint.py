@@ -70,6 +70,8 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, tokenizer: To
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for leftover in directory.glob(".incoming-*"):  # a save that was killed (SIGKILL, OOM) left it behind
+        shutil.rmtree(leftover, ignore_errors=True)
     incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=directory))
     try:
         save_model(model, str(incoming / MODEL_FILE), metadata={"format": FORMAT, "version": str(VERSION)})

@@ -122,6 +122,8 @@ class TrainConfig:
         for name in ("max_bytes", "lr_decay_iters"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
+        if self.errors not in ("strict", "replace", "ignore"):
+            raise ConfigError(f"errors must be strict, replace or ignore; got {self.errors!r}")
         if self.data is not None and self.dataset is not None:
             raise ConfigError("give either data or dataset, not both")
         if not 0.0 < self.val_fraction < 1.0:

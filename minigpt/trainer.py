@@ -68,7 +68,12 @@ def train(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; returns the output folder. Ctrl-C saves a checkpoint, then raises KeyboardInterrupt."""
     world = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                  int(os.environ.get("LOCAL_RANK", 0)))
+    if world.enabled and ":" in cfg.device:
+        raise ConfigError(f"under torchrun each process uses the GPU of its LOCAL_RANK; pass --device cuda (or auto), "
+                          f"not --device {cfg.device}")
     device = resolve_device(cfg.device, world.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives and RNG calls that use "the current device" mean this rank's GPU
     if world.enabled:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
     try:
@@ -106,10 +111,7 @@ class _Run:
         torch.manual_seed(cfg.seed + self.world.rank)  # but a different dropout stream on each
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                         self.device.type)
-        shards = self.world.world_size * cfg.grad_accum
-        self.loaders = [BatchLoader(self.data.train_tokens, self.model_config.block_size, cfg.batch_size, cfg.seed,
-                                    rank=loader_rank(self.world.rank, m, cfg.grad_accum), world_size=shards)
-                        for m in range(cfg.grad_accum)]
+        self.loaders = self._make_loaders(cfg.seed)
         self.step, self.best_val = 0, math.inf
         self.records: list[dict[str, Any]] = []
         if resume_config is not None:
@@ -132,6 +134,9 @@ class _Run:
     def _check_out_dir(self) -> dict[str, Any] | None:
         """Refuse to clobber a checkpoint by accident; on --resume, the checkpoint's config (verified)."""
         cfg = self.cfg
+        for flag, folder in (("--out-dir", self.out), ("--data-dir", Path(cfg.data_dir or self.out / "data"))):
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{flag} {folder} is a file, not a folder; give a folder to write into")
         if cfg.resume:
             return read_config(checkpoint_dir(self.out, RESUME_FILES))
         if has_checkpoint(self.out) and not cfg.overwrite:
@@ -189,19 +194,25 @@ class _Run:
         same_layout = state["world_size"] == self.world.world_size and state["grad_accum"] == cfg.grad_accum
         if same_layout:
             set_rng_state(state["rng"][rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            self.loaders = self._make_loaders(state.get("data_seed", cfg.seed))
             for m, loader in enumerate(self.loaders):
                 loader.load_state_dict(state["loaders"][loader_rank(rank, m, cfg.grad_accum)])
         else:  # the batches cannot be replayed: draw fresh ones, not those of step 0 again
             self._print(f"note: the checkpoint was written by {state['world_size']} process(es) × grad_accum "
                         f"{state['grad_accum']}; data order restarts from a new seed")
             torch.manual_seed(cfg.seed + rank + 7919 * self.step)
-            self.loaders = [BatchLoader(self.data.train_tokens, self.model_config.block_size, cfg.batch_size,
-                                        cfg.seed + self.step, rank=loader_rank(rank, m, cfg.grad_accum),
-                                        world_size=self.world.world_size * cfg.grad_accum)
-                            for m in range(cfg.grad_accum)]
+            self.loaders = self._make_loaders(cfg.seed + self.step)
         if self.world.main:
             self.records = _read_metrics(self.out / METRICS_FILE, self.step)
         self._print(f"resuming from step {self.step} in {self.out}")
+
+    def _make_loaders(self, seed: int) -> list[BatchLoader]:
+        """One loader per micro-step of this rank, each on its own shard of the training tokens."""
+        cfg, shards = self.cfg, self.world.world_size * self.cfg.grad_accum
+        self.data_seed = seed  # saved with the checkpoint: a resume must rebuild the same loaders
+        return [BatchLoader(self.data.train_tokens, self.model_config.block_size, cfg.batch_size, seed,
+                            rank=loader_rank(self.world.rank, m, cfg.grad_accum), world_size=shards)
+                for m in range(cfg.grad_accum)]
 
     def _announce(self) -> None:
         cfg, c = self.cfg, self.model_config
@@ -248,8 +259,9 @@ class _Run:
                                    "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds})
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                     val_loss = self._evaluate()
-                    best = val_loss < self.best_val
-                    self.best_val = min(val_loss, self.best_val)
+                    best = math.isfinite(val_loss) and val_loss < self.best_val
+                    if best:
+                        self.best_val = val_loss
                     self._save(best)
                 elif stop:
                     self._save()
@@ -361,7 +373,7 @@ class _Run:
                   "train": {k: v for k, v in self.cfg.to_dict().items() if k != "model"},
                   "step": self.step, "tokenizer_checksum": self.tokenizer.checksum}
         state = {"step": self.step, "best_val_loss": self.best_val, "world_size": self.world.world_size,
-                 "grad_accum": self.cfg.grad_accum,
+                 "grad_accum": self.cfg.grad_accum, "data_seed": self.data_seed,
                  "loaders": [s for states, _, _ in gathered for s in states],
                  "rng": [j for _, j, _ in gathered]}
         tensors = {f"rng.{r}.{k}": v for r, (_, _, ts) in enumerate(gathered) for k, v in ts.items()}

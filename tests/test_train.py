@@ -126,3 +126,21 @@ def test_grad_accumulation_matches_a_bigger_batch_in_expectation(tmp_path, corpu
     b = train(tiny_config(*corpus, tmp_path / "b", batch_size=8, max_iters=30, eval_interval=30))
     va, vb = records(a, "eval")[-1]["val_loss"], records(b, "eval")[-1]["val_loss"]
     assert abs(va - vb) < 0.15 * vb
+
+
+def test_resume_twice_after_a_change_of_grad_accum(tmp_path, corpus):
+    """A resume with another data layout draws batches from a new seed; a second resume must rebuild those."""
+    out = tmp_path / "run"
+    train(tiny_config(*corpus, out, max_iters=4, eval_interval=4))
+    train(tiny_config(*corpus, out, max_iters=8, eval_interval=4, grad_accum=2, resume=True))
+    train(tiny_config(*corpus, out, max_iters=12, eval_interval=4, grad_accum=2, resume=True))
+    assert read_config(out)["step"] == 12
+    assert [r["step"] for r in records(out, "eval")] == [0, 4, 8, 12]
+
+
+def test_a_killed_save_leaves_no_leftovers_after_the_next(tmp_path, corpus):
+    out = train(tiny_config(*corpus, tmp_path / "run", max_iters=4, eval_interval=4))
+    (out / ".incoming-killed").mkdir()
+    (out / ".incoming-killed" / "model.safetensors").write_bytes(b"half")
+    train(tiny_config(*corpus, out, max_iters=8, eval_interval=4, resume=True))
+    assert not list(out.glob(".incoming-*"))

@@ -75,6 +75,31 @@ def test_resume_takes_settings_from_the_checkpoint(setup, tmp_path):
     assert read_config(copy)["step"] == 6 and read_config(copy)["model"]["n_embd"] == 32
 
 
+def test_resume_does_not_take_the_machine_settings_of_the_checkpoint(setup, tmp_path):
+    """A run trained on a GPU resumes on a CPU-only machine: device, dtype, compile are this run's own."""
+    corpus, cache, out = setup
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["train"]["device"] = "cuda"
+    config["train"]["compile"] = True
+    (copy / "config.json").write_text(json.dumps(config))
+    (copy / "manifest.json").unlink()  # an edited config no longer matches the manifest: accept it as hand-made
+    result = run("--resume", "--out-dir", copy, "--max-iters", 5, "--no-progress")
+    assert "--device cuda" not in result.stderr
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_one_line_error(run("--out-dir", afile), "is a file")
+
+
+def test_bad_errors_mode():
+    assert_one_line_error(run("--errors", "bogus"), "errors must be strict, replace or ignore")
+
+
 def test_unknown_flag():
     assert_one_line_error(run("--n-layers", "3"), "unrecognized arguments: --n-layers")
 
