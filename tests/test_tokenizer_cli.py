@@ -81,3 +81,19 @@ def test_replace_errors_option_trains_on_invalid_utf8(workdir):
     assert r.returncode == 0, r.stderr
     tok = Tokenizer.load(workdir / "r.json")
     assert tok.special_tokens == {} and "\ufffd" in tok.decode(tok.encode("hello \ufffd"))
+
+
+@pytest.mark.parametrize("command", ["encode", "show", "decode"])
+def test_invalid_utf8_on_stdin_is_a_clear_error(workdir, command):
+    r = subprocess.run([sys.executable, "-m", "tokenizer", command, "-t", "tok.json"], input=b"12 \xff 3",
+                       capture_output=True, cwd=workdir, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                       timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.decode().strip() == ("error: stdin: the bytes at offset 3 are not valid UTF-8 (invalid start "
+                                         "byte); convert the text to UTF-8")
+
+
+def test_utf8_on_stdin_is_read_as_utf8_whatever_the_locale(workdir):
+    r = cli("encode", "-t", "tok.json", stdin="Köln 😀", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert [int(x) for x in r.stdout.split()] == Tokenizer.load(workdir / "tok.json").encode("Köln 😀")

@@ -180,3 +180,9 @@ def test_encode_batch_in_processes_equals_sequential(small):
     expected = [small.encode(t, allowed_special="all") for t in texts]
     assert small.encode_batch(texts, allowed_special="all", num_proc=2) == expected
     assert small.encode_batch(texts, allowed_special="all", num_proc=1) == expected
+
+
+@pytest.mark.parametrize("text", ["\udcff", "a\ud800b c", "x \ud83d\ude00 y", "\ude00\ud83d <|endoftext|>"])
+def test_lone_surrogates_encode_like_tiktoken(ours, reference, text):
+    assert ours.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)

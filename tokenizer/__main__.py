@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import TokenizerError
 from .patterns import pattern_from_name
-from .textfiles import check_readable, iter_file_text
+from .textfiles import check_readable, decode_utf8, iter_file_text
 from .tokenizer import EOT, Tokenizer
 
 
@@ -108,7 +108,11 @@ def _read_text(args: argparse.Namespace) -> str:
         return args.text
     if args.input:
         return "".join(iter_file_text(args.input))
-    return sys.stdin.read()
+    return _read_stdin()
+
+
+def _read_stdin() -> str:
+    return decode_utf8(sys.stdin.buffer.read(), "stdin")
 
 
 def _allowed(args: argparse.Namespace):
@@ -125,7 +129,7 @@ def _encode(args: argparse.Namespace) -> None:
 
 def _decode(args: argparse.Namespace) -> None:
     tok = Tokenizer.load(args.tokenizer)
-    words = args.ids or sys.stdin.read().split()
+    words = args.ids or _read_stdin().split()
     ids = [_token_id(w) for w in words]
     sys.stdout.write(tok.decode(ids))
     sys.stdout.flush()

@@ -24,6 +24,15 @@ def check_readable(path: Union[str, os.PathLike]) -> Path:
     return path
 
 
+def decode_utf8(raw: bytes, source: str) -> str:
+    """Decode UTF-8 strictly; invalid bytes raise TokenizerError naming ``source`` and the byte offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{source}: the bytes at offset {e.start} are not valid UTF-8 ({e.reason}); "
+                             f"convert the text to UTF-8") from None
+
+
 def iter_file_text(path: Union[str, os.PathLike], errors: str = "strict",
                    block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
     """Yield the text of a UTF-8 file in chunks of about ``block_bytes``.

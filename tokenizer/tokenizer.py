@@ -165,7 +165,11 @@ class Tokenizer:
         if len(self._cache) > CACHE_LIMIT:
             self._reset_cache()
         # One regex pass, then one dict lookup per piece; a miss runs BPE once (_PieceCache.__missing__).
-        return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
+        try:
+            return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
+        except UnicodeEncodeError:  # lone surrogates: like tiktoken, join valid pairs and replace the rest by U+FFFD
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
 
     def encode(self, text: str, allowed_special: AllowedSpecial = "none") -> list[int]:
         """Encode text. Special-token text raises TokenizerError unless allowed (tiktoken's semantics).
