@@ -66,7 +66,7 @@ def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: floa
     cache = None
     finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
 
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: cached ALiBi masks must stay usable for training
         if use_cache:
             capacity = prompt_len + max_new_tokens - 1  # the last chosen token is never fed back
             cache = model.new_cache(batch, capacity if window is None else min(capacity, window))
@@ -82,7 +82,7 @@ def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: floa
             return
         tokens[:, length] = next_ids
         length += 1
-        with torch.inference_mode():
+        with torch.no_grad():
             logits = _last_logits(model, tokens[:, :length], window, cache, prime=False)
 
 
@@ -104,7 +104,8 @@ def choose_next(logits: Tensor, temperature: float, top_k: int | None = None, to
     """One token id per row of `logits` (B, vocab) under the sampling controls of generate_tokens."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # the shift keeps a tiny temperature finite
     if top_k is not None and top_k < logits.shape[-1]:
         logits = keep_top_k(logits, top_k)
     if top_p is not None and top_p < 1.0:

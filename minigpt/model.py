@@ -141,7 +141,8 @@ class GPT(nn.Module):
         seq_len × seq_len score matrix, as in PaLM (Chowdhery et al., 2022, appendix B).
         """
         c = self.config
-        n_matmul = self.num_parameters(non_embedding=True) + c.vocab_size * c.n_embd
+        tied_head = self.head.weight.numel() if self.head.weight is self.wte.weight else 0  # else counted already
+        n_matmul = self.num_parameters(non_embedding=True) + tied_head
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
 
 
@@ -165,9 +166,10 @@ class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position t only sees positions <= t.
 
     Q, K and V come from one fused projection (one large matmul instead of three small ones). The attention itself
-    is torch's scaled_dot_product_attention: it scales by 1/sqrt(d_head), applies the causal mask inside the
-    kernel (flash attention on GPU, a fused kernel on CPU) and never materialises the full score matrix in Python,
-    so there is no code path where a future token could leak in.
+    is torch's scaled_dot_product_attention, which scales by 1/sqrt(d_head). Causality comes from one of two
+    places, both decided by `GPT._attention_mask`: SDPA's own `is_causal` flag (learned and sinusoidal positions
+    without a cached prefix; the flash kernel on GPU), or an explicit mask that already holds -inf above the
+    diagonal (ALiBi's bias, or queries that continue a KV cache). Every call gets one of the two.
     """
 
     def __init__(self, config: GPTConfig) -> None:

@@ -172,3 +172,8 @@ def test_cache_takes_the_dtype_of_the_keys_under_autocast():
         cached = model.generate(idx, 8, temperature=0, use_cache=True)
         full = model.generate(idx, 8, temperature=0, use_cache=False)
     assert cached.shape == full.shape == (2, 13)
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.4]])
+    assert choose_next(logits, temperature=1e-45, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]

@@ -190,8 +190,9 @@ def test_parameter_count_matches_closed_form(positions, bias, tied):
     assert model.num_parameters(non_embedding=True) == model.num_parameters() - embeddings
 
 
-def test_flops_per_token_is_6n_plus_attention():
-    model = tiny("alibi")
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_flops_per_token_is_6n_plus_attention(tie_weights):
+    model = tiny("alibi", tie_weights=tie_weights)  # an untied head is the same matmul: the same FLOPs
     n_matmul = 2 * (12 * 32 * 32) + 37 * 32  # layer weights + head (biases and LayerNorms counted too, below)
     n_small = 2 * (13 * 32) + 2 * 32
     assert model.flops_per_token(16) == 6 * (n_matmul + n_small) + 12 * 2 * 32 * 16
@@ -277,3 +278,14 @@ def test_bad_configs_are_refused(values, word):
     base.update(values)
     with pytest.raises(ValueError, match=word):
         GPTConfig(**base)
+
+
+def test_training_after_generation_at_the_same_length():
+    """Generation builds (and caches) ALiBi masks; training at that length must still be able to use them."""
+    model = tiny("alibi")
+    idx = torch.randint(0, 37, (1, 8), generator=torch.Generator().manual_seed(0))
+    model.generate(idx, max_new_tokens=1, temperature=0)
+    model.train()
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert model.wte.weight.grad is not None
