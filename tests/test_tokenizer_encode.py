@@ -186,3 +186,11 @@ def test_encode_batch_in_processes_equals_sequential(small):
 def test_lone_surrogates_encode_like_tiktoken(ours, reference, text):
     assert ours.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
     assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_encode_batch_reads_an_allowed_special_generator_once(small, num_proc):
+    texts = ["a <|endoftext|> b", "<|endoftext|>", "c"]
+    expected = [small.encode(t, allowed_special="all") for t in texts]
+    allowed = (s for s in ["<|endoftext|>"])
+    assert small.encode_batch(texts, num_proc=num_proc, allowed_special=allowed) == expected

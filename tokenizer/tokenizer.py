@@ -197,15 +197,14 @@ class Tokenizer:
                      allowed_special: AllowedSpecial = "none") -> list[list[int]]:
         """Encode many texts; with ``num_proc`` > 1 (default: every CPU for large batches) in several processes."""
         texts = list(texts)
-        self._allowed(allowed_special)  # validate here, not in a worker
+        allowed = sorted(self._allowed(allowed_special))  # validate here, not in a worker; reads an iterable once
         if num_proc is None:
             num_proc = (os.cpu_count() or 1) if sum(map(len, texts)) > (4 << 20) else 1
         num_proc = max(1, min(num_proc, len(texts)))
         if num_proc == 1:
-            return [self.encode(t, allowed_special) for t in texts]
+            return [self.encode(t, allowed) for t in texts]
         chunk = max(1, len(texts) // (num_proc * 8))
         state = (self._ranks, self.pattern, self.special_tokens)
-        allowed = allowed_special if isinstance(allowed_special, str) else sorted(allowed_special)
         with multiprocessing.get_context().Pool(num_proc, _init_worker, (state,)) as pool:
             return pool.starmap(_encode_in_worker, ((t, allowed) for t in texts), chunksize=chunk)
 
