@@ -14,6 +14,7 @@ import contextlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from minigpt.config import TrainConfig
@@ -55,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def unescape(text: str) -> str:
     """`--stop "\\n\\n"` means two newlines, as a shell cannot easily pass them; other characters pass unchanged."""
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    with warnings.catch_warnings():  # an unknown escape such as \\d stays as it is, without a warning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def read_text(path: str, what: str) -> str:
@@ -101,6 +104,10 @@ def evaluate_file(args, model, tokenizer, config, device, autocast) -> int:
     text = read_text(args.eval, "evaluation file")
     ids = tokenizer.encode(text, allowed_special="all") if args.allow_special else tokenizer.encode_ordinary(text)
     block_size = args.block_size or config["model"]["block_size"]
+    if config["model"]["positions"] == "learned" and block_size > config["model"]["block_size"]:
+        raise ConfigError(f"--block-size {block_size} is longer than this learned-position model's "
+                          f"{config['model']['block_size']} positions; use --block-size {config['model']['block_size']} "
+                          f"or less (ALiBi and sinusoidal models take any length)")
     batch_size = args.batch_size or config.get("train", {}).get("batch_size", 8)
     with autocast:
         result = evaluate_loss(model, np.asarray(ids, dtype=np.int64), block_size, batch_size, args.eval_batches,
@@ -122,6 +129,11 @@ def generate(args, model, tokenizer, device, autocast) -> int:
 
     prompt = read_text(args.prompt_file, "prompt file") if args.prompt_file else (
         read_text("-", "prompt from") if args.prompt == "-" else args.prompt)
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # the shell handed over bytes that are not UTF-8 (Python keeps them as surrogates)
+        raise MinigptError(f"the prompt is not valid UTF-8 text (bad byte at character {exc.start}); pass UTF-8, "
+                           f"or use --prompt-file") from None
     ids = tokenizer.encode(prompt, allowed_special="all") if args.allow_special else tokenizer.encode_ordinary(prompt)
     if not ids:  # nothing to condition on: start as a new document does
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]

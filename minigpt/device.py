@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .config import DTYPES
 from .errors import ConfigError
 
 
@@ -17,11 +18,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device(name if ":" in name else f"cuda:{local_rank}")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps was given but MPS is not available; use --device cpu or --device auto")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None = plain float32): bfloat16 on CUDA under "auto", float32 elsewhere."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown --dtype {dtype!r}; use {', '.join(DTYPES)}")
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None

@@ -1,6 +1,7 @@
 """User-facing errors of the minigpt package, and the one place where CLIs turn them into a one-line message."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -30,4 +31,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `python sample.py | head`: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush cannot fail again
+        sys.exit(141)
     sys.exit(code or 0)

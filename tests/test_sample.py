@@ -213,3 +213,23 @@ def test_stop_strings_understand_escapes_and_keep_other_text():
     assert SAMPLE_CLI.unescape(r"\n\n") == "\n\n"
     assert SAMPLE_CLI.unescape(r"end\t") == "end\t"
     assert SAMPLE_CLI.unescape("naïve 日本 🙂") == "naïve 日本 🙂"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--device", "gpu"), "unknown --device"),
+    (("--dtype", "float16"), "unknown --dtype"),
+])
+def test_unknown_device_or_dtype(run_dir, args, expected):
+    one_line_error(sample(run_dir, *args), expected)
+
+
+def test_prompt_that_is_not_utf8_on_the_command_line(run_dir):
+    one_line_error(sample(run_dir, "--prompt", "caf\udce9"), "not valid UTF-8")
+
+
+def test_unknown_escape_in_a_stop_string_is_kept_without_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert SAMPLE_CLI.unescape(r"\d+") == r"\d+"
