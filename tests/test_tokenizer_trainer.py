@@ -155,3 +155,8 @@ def test_pattern_with_capturing_group_is_refused():
 def test_pattern_that_skips_text_is_refused():
     with pytest.raises(TokenizerError, match="does not cover all of the text"):
         Tokenizer.train("hello, world!", vocab_size=300, pattern=r" ?\w+", progress=False, num_proc=1)
+
+
+def test_one_special_token_given_as_a_string():
+    tok = Tokenizer.train("hello world", vocab_size=300, special_tokens="<|x|>", progress=False, num_proc=1)
+    assert list(tok.special_tokens) == ["<|x|>"]

@@ -67,10 +67,11 @@ class Tokenizer:
         """Learn a byte-level BPE vocabulary of ``vocab_size`` ids (256 bytes + merges + special tokens).
 
         ``texts`` is one string or an iterable of strings, streamed (never joined). ``pattern`` is a regex or
-        "gpt2"/"gpt4". See :mod:`tokenizer.trainer` for the algorithm and the tie-break rule.
+        "gpt2"/"gpt4"; ``special_tokens`` a list of strings (a single string is one token). See
+        :mod:`tokenizer.trainer` for the algorithm and the tie-break rule.
         """
         pattern = pattern_from_name(pattern)
-        special_tokens = list(special_tokens)
+        special_tokens = [special_tokens] if isinstance(special_tokens, str) else list(special_tokens)
         if len(set(special_tokens)) != len(special_tokens) or not all(isinstance(s, str) and s for s in special_tokens):
             raise TokenizerError(f"special tokens must be distinct non-empty strings, got {special_tokens!r}")
         if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
