@@ -149,3 +149,14 @@ def test_saved_file_has_normal_permissions(trained, tmp_path):
     path = tmp_path / "tok.json"
     trained.save(path)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("field, value", [("pattern", ["x"]), ("pattern", 7), ("checksum", None)])
+def test_a_field_of_the_wrong_type_is_a_corrupt_file(trained, tmp_path, field, value):
+    path = tmp_path / "tok.json"
+    trained.save(path)
+    doc = json.loads(path.read_text())
+    doc[field] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(TokenizerError, match="corrupt tokenizer file"):
+        Tokenizer.load(path)

@@ -115,6 +115,8 @@ def load_json(path: PathLike) -> "Tokenizer":
         specials = {str(k): int(v) for k, v in doc["special_tokens"].items()}
         pattern = doc["pattern"]
         checksum = doc["checksum"]
+        if not isinstance(pattern, str) or not isinstance(checksum, str):
+            raise TypeError("pattern and checksum must be strings")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise TokenizerError(f"{path} is a corrupt tokenizer file ({type(e).__name__}: {e}); {hint}") from None
     if len(ranks) != len(doc["tokens"]):
