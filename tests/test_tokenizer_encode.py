@@ -6,14 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import regex
+import tiktoken  # a dev dependency: missing, these tests should fail rather than skip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-tiktoken = pytest.importorskip("tiktoken")
-
-from tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, TokenizerError  # noqa: E402
-from tokenizer.patterns import fast_equivalent  # noqa: E402
-from tokenizer.tokenizer import _merge_long, _merge_short  # noqa: E402
+from tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, TokenizerError
+from tokenizer.patterns import fast_equivalent
+from tokenizer.tokenizer import _merge_long, _merge_short
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SPECIALS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
