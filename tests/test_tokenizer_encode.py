@@ -193,3 +193,10 @@ def test_encode_batch_reads_an_allowed_special_generator_once(small, num_proc):
     expected = [small.encode(t, allowed_special="all") for t in texts]
     allowed = (s for s in ["<|endoftext|>"])
     assert small.encode_batch(texts, num_proc=num_proc, allowed_special=allowed) == expected
+
+
+def test_decoding_an_unused_id_inside_the_range_names_it(ours):
+    with pytest.raises(TokenizerError, match="id 100256 is not in this vocabulary"):
+        ours.decode([1, 100256])
+    with pytest.raises(TokenizerError, match=r"valid ids are 0\.\.100276"):
+        ours.decode([100277])

@@ -260,9 +260,10 @@ class Tokenizer:
             return b"".join(map(self._decoder.__getitem__, ids))
         except (KeyError, TypeError):
             bad = next(i for i in ids if not isinstance(i, (int, np.integer)) or int(i) not in self._decoder)
+            why = (f"id {int(bad)} is not in this vocabulary" if isinstance(bad, (int, np.integer))
+                   and 0 <= bad < self.vocab_size else f"valid ids are 0..{self.vocab_size - 1} of this tokenizer")
             raise TokenizerError(
-                f"cannot decode id {bad!r}: valid ids are 0..{self.vocab_size - 1} of this tokenizer "
-                f"(was the text encoded with a different tokenizer?)") from None
+                f"cannot decode id {bad!r}: {why} (was the text encoded with a different tokenizer?)") from None
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """Decode ids to text; bytes cut in the middle of a UTF-8 character become U+FFFD (``errors="replace"``)."""
