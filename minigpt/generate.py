@@ -66,7 +66,7 @@ def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: floa
     cache = None
     finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
 
-    with torch.no_grad():  # not inference_mode: cached ALiBi masks must stay usable for training
+    with torch.inference_mode():
         if use_cache:
             capacity = prompt_len + max_new_tokens - 1  # the last chosen token is never fed back
             cache = model.new_cache(batch, capacity if window is None else min(capacity, window))
@@ -82,7 +82,7 @@ def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: floa
             return
         tokens[:, length] = next_ids
         length += 1
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = _last_logits(model, tokens[:, :length], window, cache, prime=False)
 
 

@@ -119,7 +119,8 @@ class ALiBi(nn.Module):
 
     def forward(self, q_len: int, k_len: int) -> Tensor:
         """The (1, H, q_len, k_len) mask for SDPA (the leading 1 broadcasts over the batch)."""
-        key = (q_len, k_len, self.slopes.dtype, self.slopes.device)
+        # A mask made under inference_mode (generation) cannot take part in training's autograd: keep them apart.
+        key = (q_len, k_len, self.slopes.dtype, self.slopes.device, torch.is_inference_mode_enabled())
         mask = self._masks.get(key)
         if mask is None:
             if q_len == 1:  # a generation step: a fresh row is cheaper than caching one per length
