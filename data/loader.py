@@ -3,8 +3,7 @@
 Rank r of world_size draws only from its own contiguous part of the tokens, [r * n // world_size,
 (r + 1) * n // world_size), so no two ranks ever read the same token. Batch k of a rank is drawn by a generator
 seeded with (seed, rank, k): the whole state of a loader is the number of batches it has handed out. That makes
-resume exact and trivial, and the state the same on every rank, so rank 0's copy (the one a checkpoint keeps)
-resumes all of them.
+resume exact and trivial (the trainer keeps every loader's state in its checkpoint; they are all alike).
 
 To make world_size x grad_accum interchangeable (2 processes x 1 micro-batch reading the same data as
 1 process x 2 micro-batches), give each micro-step its own loader: rank = process_rank * grad_accum + micro,

@@ -63,5 +63,5 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
     a learning rate that is too high.
     """
     params = [p for p in parameters if p.grad is not None]
-    # With max_norm = inf the scale factor is clamped to exactly 1.0, so only the norm is computed.
+    # With max_norm = inf the scale factor is clamped to exactly 1.0: gradients are left as they are.
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
