@@ -8,6 +8,7 @@ only in the order of a floating-point sum.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -75,11 +76,24 @@ def train(cfg: TrainConfig) -> Path:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # collectives and RNG calls that use "the current device" mean this rank's GPU
     if world.enabled:
+        # DDP imports torch.distributed.nn, whose functions have `group=WORLD` defaults: imported after the group
+        # exists, they would hold it for good and destroy_process_group() could not free it (see below).
+        import torch.distributed.nn  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    run = _Run(cfg, world, device)
     try:
-        return _Run(cfg, world, device).fit()
+        out = run.fit()
+        if world.enabled:
+            dist.barrier()  # leave together: rank 0 may still be saving the last checkpoint
+        return out
     finally:
         if world.enabled:
+            # Free the group now, while the interpreter is whole. A gloo group that survives to interpreter
+            # shutdown has worker threads that may still release a finished collective there, which aborts the
+            # process (SIGABRT, "terminate called without an active exception"). The DDP wrapper holds the
+            # group and sits in reference cycles, hence the collection before destroying.
+            run.step_model = None
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -122,11 +136,10 @@ class _Run:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        step_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
-        if self.world.enabled:
-            step_model = torch.nn.parallel.DistributedDataParallel(
-                step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.step_model = step_model
+        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        if self.world.enabled:  # no local name for it: train() must be able to drop the last reference
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._announce()
         self._loop()
         return self.out

@@ -1,6 +1,7 @@
 """Two CPU processes under torchrun (gloo) train like one process with twice the gradient accumulation."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,18 @@ from minigpt.trainer import train
 from helpers import tiny_config, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Runs train.py as torchrun would, then reports the threads left when it exits: native threads that Python does
+# not know of would be gloo's workers, alive during interpreter shutdown, where they can abort the process.
+TRAIN_AND_COUNT_THREADS = """
+import os, runpy, sys, threading
+sys.argv[0] = {train!r}
+try:
+    runpy.run_path({train!r}, run_name="__main__")
+finally:
+    native = len(os.listdir("/proc/self/task"))
+    print(f"rank {{os.environ['RANK']}} threads at exit: {{native}} native, {{threading.active_count()}} python", flush=True)
+"""
 
 pytestmark = [
     pytest.mark.distributed,
@@ -37,12 +50,17 @@ def test_two_processes_match_one_process_with_double_accumulation(tmp_path):
              "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--block-size", 16, "--batch-size", 4, "--grad-accum", 1,
              "--max-iters", 12, "--eval-interval", 6, "--eval-iters", 4, "--log-interval", 1, "--lr", 3e-3,
              "--min-lr", 3e-4, "--warmup-iters", 3, "--no-progress", "--device", "cpu"]
+    launcher = tmp_path / "train_and_count_threads.py"
+    launcher.write_text(TRAIN_AND_COUNT_THREADS.format(train=str(ROOT / "train.py")))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "train.py"), *map(str, flags)],
+         str(launcher), *map(str, flags)],
         capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
+    threads = re.findall(r"rank (\d) threads at exit: (\d+) native, (\d+) python", result.stdout)
+    assert sorted(rank for rank, _, _ in threads) == ["0", "1"], result.stdout[-2000:]
+    assert all(native == python for _, native, python in threads), threads  # the process group is really gone
     assert result.stdout.count("step 12: train loss") == 1  # only rank 0 logs
 
     (single_steps, single_evals), (ddp_steps, ddp_evals) = losses(single), losses(tmp_path / "ddp")
