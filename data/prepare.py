@@ -97,6 +97,7 @@ def prepare_data(
     max_bytes: int | None = None,
     num_proc: int | None = None,
     progress: bool = True,
+    verbose: bool = True,
     split: str = "train",
     errors: str = "strict",
     tokenizer_max_bytes: int | None = DEFAULT_TOKENIZER_MAX_BYTES,
@@ -108,7 +109,9 @@ def prepare_data(
     max_bytes: use only the first max_bytes of UTF-8 text of the corpus (the last document cut at a line end).
     errors: "strict" stops at the first byte that is not UTF-8; "replace" reads it as U+FFFD.
     num_proc: encoding processes (None: one per CPU core; small corpora use one).
+    verbose: say what is prepared or reused (off on all but one process of a multi-process run).
     """
+    say = print if verbose else (lambda message: None)
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     for name, value in [("max_bytes", max_bytes), ("tokenizer_max_bytes", tokenizer_max_bytes)]:
@@ -130,16 +133,16 @@ def prepare_data(
     if found is not None:
         prepared = load_prepared(found, expected_checksum=given.checksum if given else None)
         tokens = prepared.meta["tokens"]
-        print(f"reusing prepared data in {found} ({tokens['train']:,} train + {tokens['val']:,} val tokens); "
-              f"delete that folder to prepare it again")
+        say(f"reusing prepared data in {found} ({tokens['train']:,} train + {tokens['val']:,} val tokens); "
+            f"delete that folder to prepare it again")
         return prepared
 
-    print(f"preparing {src.description} into {folder}")
+    say(f"preparing {src.description} into {folder}")
     _build(folder, src, given, {**corpus, "tokenizer": tokenizer_settings}, fingerprint, num_proc, progress)
     prepared = load_prepared(folder)
     meta = prepared.meta
-    print(f"prepared {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
-          f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, {meta['dtype']})")
+    say(f"prepared {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
+        f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, {meta['dtype']})")
     return prepared
 
 

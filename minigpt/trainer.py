@@ -169,7 +169,8 @@ class _Run:
             return prepare_data(cfg.data, data_dir, dataset=cfg.dataset, dataset_config=cfg.dataset_config,
                                 text_field=cfg.text_field, errors=cfg.errors, tokenizer=tokenizer,
                                 vocab_size=cfg.vocab_size, pattern=cfg.pattern, val_fraction=cfg.val_fraction,
-                                max_bytes=cfg.max_bytes, progress=cfg.progress and self.world.main)
+                                max_bytes=cfg.max_bytes, progress=cfg.progress and self.world.main,
+                                verbose=self.world.main)
 
         if not self.world.enabled:
             return prepare()

@@ -62,6 +62,7 @@ def test_two_processes_match_one_process_with_double_accumulation(tmp_path):
     assert sorted(rank for rank, _, _ in threads) == ["0", "1"], result.stdout[-2000:]
     assert all(native == python for _, native, python in threads), threads  # the process group is really gone
     assert result.stdout.count("step 12: train loss") == 1  # only rank 0 logs
+    assert result.stdout.count("prepared data in") + result.stdout.count("preparing ") == 1
 
     (single_steps, single_evals), (ddp_steps, ddp_evals) = losses(single), losses(tmp_path / "ddp")
     assert len(ddp_steps) == len(single_steps) == 12
