@@ -134,6 +134,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--vocab-sizes", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--skip-encoding", action="store_true")
     args = p.parse_args()
     train, held_out = stdlib_corpus()
     print(f"# Tokenizer benchmark: Python {sys.version.split()[0]}, regex {regex.__version__}, "
@@ -141,7 +142,8 @@ def main() -> None:
     print(f"corpus: {len(train) + len(held_out)} stdlib files, {mb(train) + mb(held_out):.1f} MB")
     if not args.skip_training:
         bench_training(train, held_out, args.vocab_sizes, args.trials)
-    bench_encoding(train + held_out, args.trials)
+    if not args.skip_encoding:
+        bench_encoding(train + held_out, args.trials)
 
 
 if __name__ == "__main__":
