@@ -76,8 +76,9 @@ def train(cfg: TrainConfig) -> Path:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # collectives and RNG calls that use "the current device" mean this rank's GPU
     if world.enabled:
-        # DDP imports torch.distributed.nn, whose functions have `group=WORLD` defaults: imported after the group
-        # exists, they would hold it for good and destroy_process_group() could not free it (see below).
+        # DDP imports torch.distributed.nn (through torch.distributed._shard), whose functions have `group=WORLD`
+        # defaults: imported after the group exists, they would hold it for good, and destroy_process_group()
+        # could not free it (see below).
         import torch.distributed.nn  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
     run = _Run(cfg, world, device)
