@@ -24,7 +24,7 @@ sys.argv[0] = {train!r}
 try:
     runpy.run_path({train!r}, run_name="__main__")
 finally:
-    native = len(os.listdir("/proc/self/task"))
+    native = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else -1  # Linux lists them
     print(f"rank {{os.environ['RANK']}} threads at exit: {{native}} native, {{threading.active_count()}} python", flush=True)
 """
 
@@ -58,9 +58,10 @@ def test_two_processes_match_one_process_with_double_accumulation(tmp_path):
         capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
-    threads = re.findall(r"rank (\d) threads at exit: (\d+) native, (\d+) python", result.stdout)
+    threads = re.findall(r"rank (\d) threads at exit: (-?\d+) native, (\d+) python", result.stdout)
     assert sorted(rank for rank, _, _ in threads) == ["0", "1"], result.stdout[-2000:]
-    assert all(native == python for _, native, python in threads), threads  # the process group is really gone
+    if sys.platform.startswith("linux"):  # the process group is really gone
+        assert all(native == python for _, native, python in threads), threads
     assert result.stdout.count("step 12: train loss") == 1  # only rank 0 logs
     assert result.stdout.count("prepared data in") + result.stdout.count("preparing ") == 1
 
