@@ -28,11 +28,14 @@ The folder's name holds a fingerprint of everything that decides its content: th
 file paths, sizes and modification times, or the dataset's name, config, split and field; max_bytes,
 val_fraction, the errors mode), then the tokenizer (the checksum of a given one, or the settings to train one).
 The same call again reuses the folder without reading the corpus; a changed input makes a new one. A given
-tokenizer also reuses a folder of the same corpus whose trained tokenizer has its checksum.
+tokenizer also reuses a folder of the same corpus whose trained tokenizer has its checksum. Processes that ask for
+the same folder at once (the ranks of a torchrun job) take turns through a file lock: the first builds it, the
+others wait for it, however long it takes, and reuse it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -42,7 +45,7 @@ import shutil
 import socket
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +55,11 @@ from tqdm import tqdm
 from data.errors import DataError
 from data.sources import Source, open_source
 from tokenizer import Tokenizer, pattern_from_name
+
+try:
+    import fcntl
+except ImportError:  # Windows: no file locks (see _one_preparation_at_a_time)
+    fcntl = None
 
 FORMAT = "minigpt-tokens"
 FORMAT_VERSION = 1
@@ -130,19 +138,22 @@ def prepare_data(
     folder = Path(cache_dir) / f"{src.name}-{fingerprint}"
 
     found = _find_prepared(folder, given)
-    if found is not None:
-        prepared = load_prepared(found, expected_checksum=given.checksum if given else None)
-        tokens = prepared.meta["tokens"]
-        say(f"reusing prepared data in {found} ({tokens['train']:,} train + {tokens['val']:,} val tokens); "
-            f"delete that folder to prepare it again")
-        return prepared
-
-    say(f"preparing {src.description} into {folder}")
-    _build(folder, src, given, {**corpus, "tokenizer": tokenizer_settings}, fingerprint, num_proc, progress)
-    prepared = load_prepared(folder)
-    meta = prepared.meta
-    say(f"prepared {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
-        f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, {meta['dtype']})")
+    if found is None:
+        with _one_preparation_at_a_time(folder, say):
+            found = _find_prepared(folder, given)  # made by the process we waited for
+            if found is None:
+                say(f"preparing {src.description} into {folder}")
+                _build(folder, src, given, {**corpus, "tokenizer": tokenizer_settings}, fingerprint, num_proc,
+                       progress)
+                prepared = load_prepared(folder)
+                meta = prepared.meta
+                say(f"prepared {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
+                    f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, {meta['dtype']})")
+                return prepared
+    prepared = load_prepared(found, expected_checksum=given.checksum if given else None)
+    tokens = prepared.meta["tokens"]
+    say(f"reusing prepared data in {found} ({tokens['train']:,} train + {tokens['val']:,} val tokens); "
+        f"delete that folder to prepare it again")
     return prepared
 
 
@@ -210,6 +221,31 @@ def _find_prepared(folder: Path, given: Tokenizer | None) -> Path | None:
         if isinstance(meta, dict) and meta.get("tokenizer_checksum") == given.checksum:
             return candidate
     return None
+
+
+@contextlib.contextmanager
+def _one_preparation_at_a_time(folder: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold an exclusive lock on preparing `folder`, so that processes preparing the same data at once (the ranks
+    of a torchrun job, two runs) wait for the first, however long it takes, then reuse its folder.
+
+    A file lock (POSIX); where there is none, preparations run side by side, which is safe (the first folder
+    renamed into place wins) but repeats the work.
+    """
+    if fcntl is None:
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f".{folder.name}.lock"
+    with open(path, "a") as lock:  # closing it releases the lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process that is preparing {folder}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:  # tidy; at worst (after a failure) two waiting processes then prepare side by side, which is safe
+            path.unlink(missing_ok=True)
 
 
 def _as_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer | None:

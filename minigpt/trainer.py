@@ -159,34 +159,18 @@ class _Run:
         return None
 
     def _prepare_data(self, resume_config: dict[str, Any] | None) -> PreparedData:
-        """Rank 0 prepares (and caches) the tokens first; the other ranks wait, then read the cache."""
+        """Tokens from the cache, prepared first if needed. Under torchrun every rank asks: the first builds the
+        files, the others wait on a file lock (not in a collective, which would time out on a long preparation)
+        and then reuse them; only rank 0 talks."""
         cfg = self.cfg
         tokenizer = cfg.tokenizer
         if resume_config is not None and tokenizer is None:
             tokenizer = str(checkpoint_dir(self.out) / TOKENIZER_FILE)  # the one the model was trained with
-        data_dir = cfg.data_dir or str(self.out / "data")
-
-        def prepare() -> PreparedData:
-            return prepare_data(cfg.data, data_dir, dataset=cfg.dataset, dataset_config=cfg.dataset_config,
-                                text_field=cfg.text_field, errors=cfg.errors, tokenizer=tokenizer,
-                                vocab_size=cfg.vocab_size, pattern=cfg.pattern, val_fraction=cfg.val_fraction,
-                                max_bytes=cfg.max_bytes, progress=cfg.progress and self.world.main,
-                                verbose=self.world.main)
-
-        if not self.world.enabled:
-            return prepare()
-        ok = torch.zeros(1, device=self.device)  # broadcast doubles as the barrier the other ranks wait at
-        if self.world.main:
-            try:  # on an error the others are told not to wait, then it propagates
-                prepared = prepare()
-                ok += 1
-            finally:
-                dist.broadcast(ok, 0)
-            return prepared
-        dist.broadcast(ok, 0)
-        if not ok.item():
-            raise TrainingError("rank 0 could not prepare the data (see its error)")
-        return prepare()
+        return prepare_data(cfg.data, cfg.data_dir or str(self.out / "data"), dataset=cfg.dataset,
+                            dataset_config=cfg.dataset_config, text_field=cfg.text_field, errors=cfg.errors,
+                            tokenizer=tokenizer, vocab_size=cfg.vocab_size, pattern=cfg.pattern,
+                            val_fraction=cfg.val_fraction, max_bytes=cfg.max_bytes, progress=cfg.progress,
+                            verbose=self.world.main)
 
     def _check_data_size(self) -> None:
         cfg, T = self.cfg, self.model_config.block_size

@@ -6,6 +6,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +149,27 @@ def test_second_call_reuses_without_encoding(tmp_path, monkeypatch, capsys):
     assert prepare(tmp_path / "corpus", tmp_path / "cache", val_fraction=0.2).dir != first.dir
     (tmp_path / "corpus" / "doc000.txt").write_text("changed text\n")
     assert prepare(tmp_path / "corpus", tmp_path / "cache").dir != first.dir
+
+
+def test_preparations_of_the_same_data_at_once_build_it_once(tmp_path, monkeypatch, capsys):
+    """As the ranks of a torchrun job do: the first builds, the other waits on the lock, then reuses."""
+    make_corpus(tmp_path / "corpus", 12)
+    builds = []
+    build = prep._build
+
+    def slow_build(*args, **kwargs):
+        builds.append(threading.current_thread().name)
+        time.sleep(0.5)  # long enough for the other preparation to find the folder missing and wait
+        build(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "_build", slow_build)
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: prepare(tmp_path / "corpus", tmp_path / "cache"), range(2))
+    assert len(builds) == 1
+    out = capsys.readouterr().out
+    assert "waiting for another process that is preparing" in out and "reusing prepared data in" in out
+    assert first.dir == second.dir
+    assert np.array_equal(first.train_tokens, second.train_tokens)
 
 
 def test_mismatched_tokenizer_checksum_is_refused(tmp_path):

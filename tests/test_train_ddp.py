@@ -46,7 +46,8 @@ def test_two_processes_match_one_process_with_double_accumulation(tmp_path):
     common = dict(max_iters=12, eval_interval=6, batch_size=4, lr=3e-3)
     single = train(tiny_config(corpus, cache, tmp_path / "single", grad_accum=2, **common))
 
-    flags = ["--data", corpus, "--data-dir", cache, "--out-dir", tmp_path / "ddp", "--vocab-size", 300,
+    # its own --data-dir: both ranks find no prepared data, so one prepares while the other waits for it
+    flags = ["--data", corpus, "--data-dir", tmp_path / "ddp-cache", "--out-dir", tmp_path / "ddp", "--vocab-size", 300,
              "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--block-size", 16, "--batch-size", 4, "--grad-accum", 1,
              "--max-iters", 12, "--eval-interval", 6, "--eval-iters", 4, "--log-interval", 1, "--lr", 3e-3,
              "--min-lr", 3e-4, "--warmup-iters", 3, "--no-progress", "--device", "cpu"]
