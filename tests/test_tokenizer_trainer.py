@@ -97,6 +97,11 @@ def test_training_is_deterministic_and_streaming_matches_one_string():
     from tokenizer import trainer
     chunks = list(trainer.iter_text_chunks(whole, 100))
     assert len(chunks) > 10 and "".join(chunks) == whole
+    assert_chunks_count_like_the_whole(chunks, whole)
+
+
+def assert_chunks_count_like_the_whole(chunks: list[str], whole: str) -> None:
+    """Counting chunk by chunk gives exactly the pieces of the whole, with both built-in patterns."""
     for pattern in (GPT2_PATTERN, GPT4_PATTERN):
         per_chunk = Counter()
         for chunk in chunks:
@@ -112,11 +117,7 @@ def test_file_streaming_gives_the_pieces_of_the_whole_file(tmp_path):
     path.write_text(text, encoding="utf-8", newline="")
     chunks = list(iter_file_text(path, block_bytes=500))
     assert len(chunks) > 20 and "".join(chunks) == text
-    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
-        per_chunk = Counter()
-        for chunk in chunks:
-            per_chunk.update(count_pieces(chunk, pattern, num_proc=1))
-        assert per_chunk == count_pieces(text, pattern, num_proc=1)
+    assert_chunks_count_like_the_whole(chunks, text)
 
 
 def test_counting_in_several_processes_equals_one(monkeypatch):
