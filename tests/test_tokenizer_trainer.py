@@ -1,5 +1,6 @@
 """BPE trainer: the textbook example, a slow obviously-correct reference, determinism, streaming, bad input."""
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -161,3 +162,26 @@ def test_pattern_that_skips_text_is_refused():
 def test_one_special_token_given_as_a_string():
     tok = Tokenizer.train("hello world", vocab_size=300, special_tokens="<|x|>", progress=False, num_proc=1)
     assert list(tok.special_tokens) == ["<|x|>"]
+
+
+def test_long_pieces_equal_reference_including_ties():
+    rng = random.Random(7)
+    counts = {"a" * 301: 1, "ab" * 150: 2, "aab" * 70 + "b": 1, "".join(rng.choice("ab") for _ in range(400)): 1}
+    words, vocab = char_words(counts)
+    target = len(vocab) + 40
+    expected, expected_vocab = reference_train(words, vocab, target)
+    got_vocab = list(vocab)
+    assert learn_merges(words, got_vocab, target) == expected
+    assert got_vocab == expected_vocab
+
+
+def test_a_long_piece_trains_in_about_linear_time():
+    # One piece of 400 000 'a': rewriting the piece in place cost O(n) per join, O(n^2) per merge (about 13 s
+    # here); one copying pass per merge takes well under a second.
+    words = {(ord("a"),) * 400_000: 1}
+    vocab = [bytes([b]) for b in range(256)]
+    start = time.perf_counter()
+    merges = learn_merges(words, vocab, 300)
+    seconds = time.perf_counter() - start
+    assert vocab[merges[0][2]] == b"aa" and vocab[merges[1][2]] == b"aaaa"
+    assert seconds < 4, f"{seconds:.1f} s for one piece of 400 000 symbols"

@@ -98,30 +98,39 @@ def learn_merges(
         grown: set[int] = set()
         for i in where.pop(key):
             symbols, count_i = pieces[i], counts[i]
-            todo = symbols.count(left)  # candidate positions (a stale `where` entry has no matching pair)
-            k = 0
-            while todo:
-                k = symbols.index(left, k)
-                todo -= 1
-                if k + 1 < len(symbols) and symbols[k + 1] == right:
-                    if k > 0:
-                        x = symbols[k - 1]
-                        pair_counts[x * PAIR + left] -= count_i
-                        new = x * PAIR + merged
-                        pair_counts[new] += count_i
-                        where[new].add(i)
-                        grown.add(new)
-                    if k + 2 < len(symbols):
-                        y = symbols[k + 2]
-                        pair_counts[right * PAIR + y] -= count_i
-                        new = merged * PAIR + y
-                        pair_counts[new] += count_i
-                        where[new].add(i)
-                        grown.add(new)
-                    symbols[k:k + 2] = [merged]
-                    if right == left:
-                        todo -= 1  # the right symbol was one of the candidates
-                k += 1
+            # One pass that copies the piece into `rewritten` (slices between the joins), so a piece of n symbols
+            # costs O(n) per merge however many joins it has; deleting in place would cost O(n) per join.
+            rewritten: list[int] = []
+            done = k = 0  # symbols[:done] are in `rewritten`; look for `left` from k on
+            last = len(symbols) - 1  # a pair starts before the last symbol
+            while True:
+                try:
+                    k = symbols.index(left, k, last)
+                except ValueError:  # no more candidates (a stale `where` entry has none at all)
+                    break
+                if symbols[k + 1] != right:
+                    k += 1
+                    continue
+                rewritten += symbols[done:k]
+                if rewritten:
+                    x = rewritten[-1]
+                    pair_counts[x * PAIR + left] -= count_i
+                    new = x * PAIR + merged
+                    pair_counts[new] += count_i
+                    where[new].add(i)
+                    grown.add(new)
+                if k + 2 < len(symbols):
+                    y = symbols[k + 2]
+                    pair_counts[right * PAIR + y] -= count_i
+                    new = merged * PAIR + y
+                    pair_counts[new] += count_i
+                    where[new].add(i)
+                    grown.add(new)
+                rewritten.append(merged)
+                done = k = k + 2  # past the right symbol, which cannot start another join (also when right == left)
+            if done:
+                rewritten += symbols[done:]
+                pieces[i] = rewritten
         del pair_counts[key]
         # Only pairs that contain the new symbol grew; the others only shrank (fixed lazily when popped).
         for new in grown:
