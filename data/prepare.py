@@ -6,17 +6,21 @@ A prepared-data folder, `<cache_dir>/<source name>-<fingerprint>/`, holds
   else uint32, read back as numpy memmaps (no copy in RAM, shared by every process of a run);
 - `tokenizer.json`: the tokenizer that made them;
 - `meta.json`: the header (`format` "minigpt-tokens", `version`, `vocab_size`, `dtype`, `eot_id`, `tokens`,
-  `bytes` and `documents` per split, `tokenizer_checksum`, `source`, `fingerprint`, and the settings).
+  `bytes` and `documents` (a document cut in two counts in both) per split, `split_rule`, `tokenizer_checksum`,
+  `source`, `fingerprint`, and the settings).
 
-The split is by document: document i (0-based, in corpus order) is held out for validation when
-floor((i + 1) * val_fraction) > floor(i * val_fraction), which spreads exactly floor(n * val_fraction) of the first
-n documents evenly through the corpus, the same way on every run. If that leaves validation empty (a corpus of
-fewer than 1 / val_fraction documents) the last document is held out; a corpus of a single document is cut at the
-line end nearest (1 - val_fraction) of its length, its head to train and its tail to validate.
+The split holds out about val_fraction of the text, spread through the corpus, the same way on every run: the
+documents are taken in corpus order in stretches of whole documents of at least SPLIT_STRETCH_CHARS characters
+(the last stretch: what is left), and the last val_fraction of the characters of each stretch (at least one, so
+that every corpus of two characters or more has some) is held out for validation. The cut is placed at the best
+place within a quarter of the held-out share of the exact point: a document boundary, else (inside a document, which
+is then cut in two, its head to train and its tail to validate) after a line end, else before whitespace, else at
+the exact point. So the held-out share of tokens is close to val_fraction for a corpus of a few files or one long
+line as for thousands of documents, and the preparation says what share it achieved.
 
-Each document is preceded by the end-of-text token (when the tokenizer has one), so a split reads
-EOT d0 EOT d1 ...: its documents joined with EOT, and every document, the first too, follows an EOT, which is the
-prompt for unconditional sampling. A literal "<|endoftext|>" inside a document is encoded as ordinary text.
+Each document (and each piece of a cut one) is preceded by the end-of-text token (when the tokenizer has one), so
+a split reads EOT d0 EOT d1 ...: its documents joined with EOT, and every document, the first too, follows an EOT,
+which is the prompt for unconditional sampling. A literal "<|endoftext|>" inside a document is encoded as ordinary text.
 
 Memory stays bounded on corpora larger than RAM: documents stream from the source, are encoded in chunks of about
 1 MiB by a pool of processes with at most 2 chunks per process in flight, and are appended to the files as they
@@ -35,12 +39,15 @@ others wait for it, however long it takes, and reuse it.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -71,6 +78,10 @@ EOT = "<|endoftext|>"
 # the default corpus fits whole (about 6 s), and a corpus of many GB still gets its merges in seconds, close to
 # those that all of it would give.
 DEFAULT_TOKENIZER_MAX_BYTES = 16_000_000
+# The split holds out the last val_fraction of every stretch of documents of about this many characters.
+SPLIT_STRETCH_CHARS = 1 << 20
+SPLIT_RULE = 2  # in the fingerprint, so that a folder split by an earlier rule is never reused
+_CUT_PLACES = (re.compile(r"(?<=\n)"), re.compile(r"(?=\s)"))  # after a line end; before whitespace
 ENCODE_CHUNK_BYTES = 1 << 20  # documents are sent to the encoding processes in chunks of about this much text
 
 
@@ -132,8 +143,8 @@ def prepare_data(
     else:
         tokenizer_settings = {"vocab_size": vocab_size, "pattern": pattern_from_name(pattern),
                               "special_tokens": [EOT], "max_bytes": tokenizer_max_bytes}
-    corpus = {"format_version": FORMAT_VERSION, "source": src.identity(), "max_bytes": max_bytes,
-              "val_fraction": val_fraction, "errors": errors}
+    corpus = {"format_version": FORMAT_VERSION, "split_rule": SPLIT_RULE, "source": src.identity(),
+              "max_bytes": max_bytes, "val_fraction": val_fraction, "errors": errors}
     fingerprint = f"{_digest(corpus)[:12]}-{_digest(tokenizer_settings)[:8]}"
     folder = Path(cache_dir) / f"{src.name}-{fingerprint}"
 
@@ -147,14 +158,19 @@ def prepare_data(
                        progress)
                 prepared = load_prepared(folder)
                 meta = prepared.meta
-                say(f"prepared {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
-                    f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, {meta['dtype']})")
+                say(f"prepared {_token_counts(meta)} ({meta['documents']['train']:,} + "
+                    f"{meta['documents']['val']:,} documents, {meta['dtype']})")
                 return prepared
     prepared = load_prepared(found, expected_checksum=given.checksum if given else None)
-    tokens = prepared.meta["tokens"]
-    say(f"reusing prepared data in {found} ({tokens['train']:,} train + {tokens['val']:,} val tokens); "
-        f"delete that folder to prepare it again")
+    say(f"reusing prepared data in {found} ({_token_counts(prepared.meta)}); delete that folder to prepare it "
+        f"again")
     return prepared
+
+
+def _token_counts(meta: dict) -> str:
+    """"9,500 train + 500 val tokens, 5.0% held out": the share of tokens achieved, not the one asked for."""
+    train, val = meta["tokens"]["train"], meta["tokens"]["val"]
+    return f"{train:,} train + {val:,} val tokens, {100 * val / max(1, train + val):.1f}% held out"
 
 
 def load_prepared(folder: str | os.PathLike, expected_checksum: str | None = None) -> PreparedData:
@@ -281,9 +297,9 @@ def _build(folder: Path, src: Source, given: Tokenizer | None, settings: dict, f
             chunks = _encode_chunks(_chunk(split_documents()), tok, tmp / TOKENIZER_FILE, procs, dtype)
             counts = _write_splits(tmp, chunks, bar)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "vocab_size": tok.vocab_size, "dtype": dtype.name,
-                "eot_id": tok.eot_id, **counts, "tokenizer_checksum": tok.checksum, "tokenizer_file": TOKENIZER_FILE,
-                "source": src.description, "fingerprint": fingerprint, "val_fraction": settings["val_fraction"],
-                "max_bytes": settings["max_bytes"], "errors": settings["errors"]}
+                "eot_id": tok.eot_id, **counts, "split_rule": SPLIT_RULE, "tokenizer_checksum": tok.checksum,
+                "tokenizer_file": TOKENIZER_FILE, "source": src.description, "fingerprint": fingerprint,
+                "val_fraction": settings["val_fraction"], "max_bytes": settings["max_bytes"], "errors": settings["errors"]}
         with open(tmp / META_FILE, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.flush()
@@ -375,32 +391,62 @@ def _capped(docs: Iterable[str], max_bytes: int | None) -> Iterator[str]:
 
 
 def _split(docs: Iterable[str], val_fraction: float) -> Iterator[tuple[str, str]]:
-    """Label each document "train" or "val" (the rule is in the module docstring). Looks one document ahead, so
-    that it can hold out the last one when the rule held out none."""
-    held: tuple[str, str] | None = None
-    count, val_seen = 0, False
+    """Label each document (or piece of one) "train" or "val": the rule is in the module docstring. Holds one
+    stretch of about SPLIT_STRETCH_CHARS characters in memory at a time."""
+    stretch: list[str] = []
+    size = total = 0
     for doc in docs:
-        if held is not None:
-            val_seen |= held[0] == "val"
-            yield held
-        held = ("val" if int((count + 1) * val_fraction) > int(count * val_fraction) else "train", doc)
-        count += 1
-    if held is None:
+        stretch.append(doc)
+        size += len(doc)
+        if size >= SPLIT_STRETCH_CHARS:
+            yield from _split_stretch(stretch, size, val_fraction)
+            total += size
+            stretch, size = [], 0
+    total += size
+    if total == 0:
         raise DataError("the corpus has no text (no non-empty documents); point --data at your text")
-    if count == 1:
-        yield from _split_single(held[1], val_fraction)
-    else:
-        yield ("val" if not val_seen else held[0]), held[1]
+    if total < 2:
+        raise DataError("the corpus is a single character, too little to hold any out for validation; give it "
+                        "more text")
+    if stretch:
+        yield from _split_stretch(stretch, size, val_fraction)
 
 
-def _split_single(doc: str, val_fraction: float) -> Iterator[tuple[str, str]]:
-    target = int(len(doc) * (1 - val_fraction))
-    cut = doc.rfind("\n", 0, target) + 1 or doc.find("\n", target) + 1
-    if not 0 < cut < len(doc):
-        raise DataError("the corpus is a single document with no line break to split at, so nothing can be held "
-                        "out for validation; give it more text: several files, or lines of a .jsonl")
-    yield "train", doc[:cut]
-    yield "val", doc[cut:]
+def _split_stretch(docs: list[str], size: int, val_fraction: float) -> Iterator[tuple[str, str]]:
+    """The head of the stretch to train, its last val_fraction of characters (at least one, when it has two) to
+    validate, cut at the best place near that point."""
+    held = min(max(1, round(size * val_fraction)), size - 1)
+    if held <= 0:  # a stretch of one character (the end of a longer corpus): nothing to hold out
+        yield from (("train", doc) for doc in docs)
+        return
+    target = size - held
+    slack = max(1, held // 4)  # how far from the exact share a better place to cut may be
+    lo, hi = max(1, target - slack), min(size - 1, target + slack)
+    starts = list(itertools.accumulate((len(doc) for doc in docs), initial=0))
+    boundaries = [b for b in starts[1:-1] if lo <= b <= hi]
+    if boundaries:
+        cut = min(boundaries, key=lambda b: (abs(b - target), b))
+    else:  # the window lies inside one document: cut that document
+        j = bisect.bisect_right(starts, target) - 1
+        cut = starts[j] + _cut_inside(docs[j], target - starts[j], lo - starts[j], hi - starts[j])
+    for doc, begin in zip(docs, starts):
+        if begin + len(doc) <= cut:
+            yield "train", doc
+        elif begin >= cut:
+            yield "val", doc
+        else:
+            yield "train", doc[:cut - begin]
+            yield "val", doc[cut - begin:]
+
+
+def _cut_inside(text: str, target: int, lo: int, hi: int) -> int:
+    """Where to cut `text` near `target`, within [lo, hi]: after the nearest line end, else before the nearest
+    whitespace (which starts the next word's piece), else at the target itself (a character boundary)."""
+    for place in _CUT_PLACES:
+        cuts = [m.start() for m in place.finditer(text, lo, hi + 1) if m.start() <= hi]
+        if cuts:
+            return min(cuts, key=lambda cut: (abs(cut - target), cut))
+    return target
 
 
 def _chunk(split_docs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:

@@ -37,9 +37,48 @@ def make_corpus(folder: Path, n_docs: int, marker_every: int = 0) -> list[str]:
     return docs
 
 
-def held_out(n_docs: int, val_fraction: float) -> list[int]:
-    """The documented rule, spelled out slowly: among the first n documents, floor(n * f) are held out."""
-    return [i for i in range(n_docs) if np.floor((i + 1) * val_fraction) > np.floor(i * val_fraction)]
+def reference_split(docs: list[str], val_fraction: float, stretch_chars: int) -> list[tuple[str, str]]:
+    """The documented rule, spelled out slowly: stretches of whole documents of at least stretch_chars; in each,
+    the last val_fraction of its characters is held out, cut at the place nearest the exact point within a
+    quarter of the held-out share: a document boundary, else after a line end, else before whitespace."""
+    stretches, current = [], []
+    for doc in docs:
+        current.append(doc)
+        if sum(map(len, current)) >= stretch_chars:
+            stretches.append(current)
+            current = []
+    stretches += [current] if current else []
+    out = []
+    for stretch in stretches:
+        text = "".join(stretch)
+        n = len(text)
+        held = min(max(1, round(n * val_fraction)), n - 1)
+        target, slack = n - held, max(1, held // 4)
+        window = range(max(1, target - slack), min(n - 1, target + slack) + 1)
+        ends = {sum(map(len, stretch[:k])) for k in range(1, len(stretch))}
+
+        def nearest(good):
+            places = [p for p in window if good(p)]
+            return min(places, key=lambda p: (abs(p - target), p)) if places else None
+
+        cut = (nearest(lambda p: p in ends) or nearest(lambda p: text[p - 1] == "\n")
+               or nearest(lambda p: text[p].isspace()) or target)
+        start = 0
+        for doc in stretch:
+            if start + len(doc) <= cut:
+                out.append(("train", doc))
+            elif start >= cut:
+                out.append(("val", doc))
+            else:
+                out += [("train", doc[:cut - start]), ("val", doc[cut - start:])]
+            start += len(doc)
+    return out
+
+
+def assert_split_like_reference(data, docs: list[str], val_fraction: float, stretch_chars: int) -> None:
+    expected = reference_split(docs, val_fraction, stretch_chars)
+    for split, tokens in [("train", data.train_tokens), ("val", data.val_tokens)]:
+        assert split_at_eot(tokens, data.tokenizer) == [doc for s, doc in expected if s == split]
 
 
 def split_at_eot(tokens: np.ndarray, tok: Tokenizer) -> list[str]:
@@ -55,13 +94,14 @@ def prepare(source, cache, **kwargs):
     return prepare_data(str(source), cache, **kwargs)
 
 
-def test_tokens_round_trip_and_split_by_whole_documents(tmp_path):
+def test_tokens_round_trip_and_split_holds_out_the_tail_of_each_stretch(tmp_path, monkeypatch):
     docs = make_corpus(tmp_path / "corpus", 30)
+    monkeypatch.setattr(prep, "SPLIT_STRETCH_CHARS", 600)  # several stretches, each with its validation tail
     data = prepare(tmp_path / "corpus", tmp_path / "cache", val_fraction=0.1)
-    val_ids = held_out(30, 0.1)
-    assert val_ids == [9, 19, 29]
-    train_docs = [d for i, d in enumerate(docs) if i not in val_ids]
-    val_docs = [docs[i] for i in val_ids]
+    expected = reference_split(docs, 0.1, 600)
+    train_docs = [doc for split, doc in expected if split == "train"]
+    val_docs = [doc for split, doc in expected if split == "val"]
+    assert len(val_docs) >= 4 and "".join(doc for _, doc in expected) == "".join(docs)
     tok = data.tokenizer
     # EOT only between documents: the literal "<|endoftext|>" of document 3 stays ordinary text
     assert split_at_eot(data.train_tokens, tok) == train_docs
@@ -72,12 +112,47 @@ def test_tokens_round_trip_and_split_by_whole_documents(tmp_path):
     assert meta["tokens"] == {"train": len(data.train_tokens), "val": len(data.val_tokens)}
     assert meta["bytes"] == {"train": sum(len(d.encode()) for d in train_docs),
                              "val": sum(len(d.encode()) for d in val_docs)}
-    assert meta["documents"] == {"train": 27, "val": 3}
+    assert meta["documents"] == {"train": len(train_docs), "val": len(val_docs)}
     assert meta["vocab_size"] == tok.vocab_size == 300 and meta["eot_id"] == tok.eot_id
-    assert meta["tokenizer_checksum"] == tok.checksum
+    assert meta["tokenizer_checksum"] == tok.checksum and meta["split_rule"] == prep.SPLIT_RULE
     assert data.train_tokens.dtype == np.uint16 and isinstance(data.train_tokens, np.memmap)
     assert json.loads((data.dir / "meta.json").read_text()) == meta
     assert Tokenizer.load(data.tokenizer_path) == tok
+
+
+def words_text(n_words: int, seed: int, sep: str = " ") -> str:
+    rng = np.random.default_rng(seed)
+    return sep.join(rng.choice(WORDS, size=n_words))
+
+
+def test_held_out_share_of_tokens_is_close_to_val_fraction_however_few_documents(tmp_path, capsys):
+    """The cases the split by whole documents got wrong: 50 %, one line of two never trained on, no split at all."""
+    (tmp_path / "two").mkdir()
+    two_files = [words_text(6000, 1) + "\n", words_text(6000, 2) + "\n"]
+    for name, text in zip("ab", two_files):
+        (tmp_path / "two" / f"{name}.txt").write_text(text, encoding="utf-8")
+    two_lines = words_text(6000, 3) + "\n" + words_text(6000, 4) + "\n"
+    one_line = words_text(12000, 5)  # about 60 KB and no line break at all
+    no_space = words_text(3000, 6, sep="")
+    cases = [("two", two_files), ("two-lines.txt", [two_lines]), ("one-line.txt", [one_line]),
+             ("no-space.txt", [no_space])]
+    for name, text in cases[1:]:
+        (tmp_path / name).write_text(text[0], encoding="utf-8")
+    for name, docs in cases:
+        for fraction in (0.05, 0.2):
+            data = prepare(tmp_path / name, tmp_path / "cache", val_fraction=fraction)
+            assert_split_like_reference(data, docs, fraction, prep.SPLIT_STRETCH_CHARS)
+            share = len(data.val_tokens) / (len(data.train_tokens) + len(data.val_tokens))
+            assert abs(share - fraction) < 0.01, (name, fraction, share)
+            assert f"{100 * share:.1f}% held out" in capsys.readouterr().out
+    data = prepare(tmp_path / "one-line.txt", tmp_path / "cache")
+    assert split_at_eot(data.val_tokens, data.tokenizer)[0][0] == " "  # cut before a space: the word after it keeps its leading space
+
+
+def test_default_corpus_capped_holds_out_the_share_asked(tmp_path):
+    data = prepare_data(None, tmp_path / "cache", vocab_size=300, num_proc=1, progress=False, max_bytes=300_000)
+    share = len(data.val_tokens) / (len(data.train_tokens) + len(data.val_tokens))
+    assert abs(share - 0.05) < 0.01  # whole files held out 66 % of this corpus
 
 
 def test_split_is_deterministic_and_parallel_encoding_matches(tmp_path, monkeypatch):
@@ -91,21 +166,24 @@ def test_split_is_deterministic_and_parallel_encoding_matches(tmp_path, monkeypa
     assert np.array_equal(one.val_tokens, two.val_tokens)
 
 
-def test_tiny_corpora_always_get_a_validation_document(tmp_path):
-    docs = make_corpus(tmp_path / "three", 3)  # the rule holds out nothing of 3 at 5%: the last one is held out
+def test_tiny_corpora_always_get_a_validation_piece(tmp_path):
+    docs = make_corpus(tmp_path / "three", 3)
     data = prepare(tmp_path / "three", tmp_path / "cache")
-    assert split_at_eot(data.val_tokens, data.tokenizer) == [docs[2]]
-    assert split_at_eot(data.train_tokens, data.tokenizer) == docs[:2]
+    assert_split_like_reference(data, docs, 0.05, prep.SPLIT_STRETCH_CHARS)
+    assert len(data.val_tokens) > 1
     single = tmp_path / "single.txt"
     lines = [f"line {i} of the only document\n" for i in range(40)]
     single.write_text("".join(lines))
     data = prepare(single, tmp_path / "cache")  # one document: its tail, cut at a line end, validates
     train, val = (split_at_eot(t, data.tokenizer) for t in (data.train_tokens, data.val_tokens))
     assert train[0] + val[0] == "".join(lines) and val[0] == "".join(lines[-2:])
-    one_line = tmp_path / "one-line.txt"
-    one_line.write_text("no line break in this whole corpus")
-    with pytest.raises(DataError, match="single document with no line break"):
-        prepare(one_line, tmp_path / "cache")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("ab")
+    data = prepare(tiny, tmp_path / "cache")
+    assert split_at_eot(data.val_tokens, data.tokenizer) == ["b"]
+    tiny.write_text("a")
+    with pytest.raises(DataError, match="a single character"):
+        prepare(tiny, tmp_path / "cache")
 
 
 def test_dtype_is_uint16_up_to_65536_ids_else_uint32(tmp_path, monkeypatch):
@@ -235,12 +313,8 @@ def test_max_bytes_and_tokenizer_sample_bound_what_is_read(tmp_path, monkeypatch
     data = prepare(tmp_path / "corpus", tmp_path / "cache", max_bytes=1000, val_fraction=0.25)
     used = data.meta["bytes"]["train"] + data.meta["bytes"]["val"]
     assert 900 < used <= 1000
-    train = iter(split_at_eot(data.train_tokens, data.tokenizer))
-    val = iter(split_at_eot(data.val_tokens, data.tokenizer))
-    n_kept = sum(data.meta["documents"].values())
-    kept = [next(val) if i in held_out(n_kept, 0.25) else next(train) for i in range(n_kept)]
-    assert kept[:-1] == docs[:n_kept - 1]  # whole documents in corpus order, then the head of the next one
-    assert docs[n_kept - 1].startswith(kept[-1]) and len(kept[-1]) < len(docs[n_kept - 1])
+    kept = "".join(split_at_eot(data.train_tokens, data.tokenizer) + split_at_eot(data.val_tokens, data.tokenizer))
+    assert "".join(docs).startswith(kept)  # the documents in corpus order, up to max_bytes
 
     seen = []
     real_train = Tokenizer.train
@@ -251,10 +325,10 @@ def test_max_bytes_and_tokenizer_sample_bound_what_is_read(tmp_path, monkeypatch
         return real_train(texts, **kwargs)
 
     monkeypatch.setattr(prep.Tokenizer, "train", recording_train)
-    prepare(tmp_path / "corpus", tmp_path / "cache2", tokenizer_max_bytes=700, val_fraction=0.25)
+    data = prepare(tmp_path / "corpus", tmp_path / "cache2", tokenizer_max_bytes=700, val_fraction=0.9)
     assert 500 < sum(len(t.encode()) for t in seen) <= 700  # the last one cut at a line end
-    held = {docs[i] for i in held_out(40, 0.25)}
-    assert not held & set(seen)  # the tokenizer never sees a validation document
+    val = "".join(split_at_eot(data.val_tokens, data.tokenizer))
+    assert not any(text in val for text in seen)  # the tokenizer never sees validation text
 
 
 def test_errors_mode_and_bad_settings(tmp_path):
