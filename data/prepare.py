@@ -299,7 +299,8 @@ def _build(folder: Path, src: Source, given: Tokenizer | None, settings: dict, f
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "vocab_size": tok.vocab_size, "dtype": dtype.name,
                 "eot_id": tok.eot_id, **counts, "split_rule": SPLIT_RULE, "tokenizer_checksum": tok.checksum,
                 "tokenizer_file": TOKENIZER_FILE, "source": src.description, "fingerprint": fingerprint,
-                "val_fraction": settings["val_fraction"], "max_bytes": settings["max_bytes"], "errors": settings["errors"]}
+                "val_fraction": settings["val_fraction"], "max_bytes": settings["max_bytes"],
+                "errors": settings["errors"]}
         with open(tmp / META_FILE, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.flush()

@@ -46,12 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import DataError
+from tokenizer.textfiles import folder_files, not_text_hint, without_binary
 
 WHOLE_FILE_MAX_BYTES = 1 << 20  # a text file up to this size is one document
 DOC_BYTES = 1 << 16  # a larger file is cut into documents of DOC_BYTES to 2 * DOC_BYTES
 ERROR_MODES = ("strict", "replace", "ignore")
 
-_BINARY_SNIFF_BYTES = 8192
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 _PARQUET_BATCH_ROWS = 1024
@@ -158,13 +158,13 @@ def _resolve_files(source: str) -> tuple[tuple[Path, ...], str]:
     if path.is_file():
         return (path,), f"file {path}"
     if path.is_dir():
-        files, skipped = _without_binary(_folder_files(path))
+        files, skipped = _text_only(folder_files(path))
         if not files:
             raise DataError(f"folder {path} has no text files; put .txt/.jsonl/.parquet files in it or pass a file")
         return files, f"folder {path}{skipped}"
     if glob.has_magic(source):
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
-        files, skipped = _without_binary([p for p in matches if p.is_file()])
+        files, skipped = _text_only([p for p in matches if p.is_file()])
         if not files:
             raise DataError(f"no text files match {source!r}; check the pattern (quote it, use ** for subfolders)")
         return files, f"files matching {source!r}{skipped}"
@@ -172,27 +172,11 @@ def _resolve_files(source: str) -> tuple[tuple[Path, ...], str]:
                     f".parquet file, or a dataset name with --dataset")
 
 
-def _folder_files(root: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, name) for name in filenames if not name.startswith(".")]
-    found.sort(key=lambda p: p.relative_to(root).parts)
-    return [p for p in found if p.is_file()]
-
-
-def _without_binary(paths: list[Path]) -> tuple[tuple[Path, ...], str]:
+def _text_only(paths: list[Path]) -> tuple[tuple[Path, ...], str]:
     """The text files among paths, and a note saying how many binary ones were left out."""
-    files = tuple(p for p in paths if not _looks_binary(p))
+    files = without_binary(paths)
     skipped = len(paths) - len(files)
     return files, f", {skipped} binary file{'s' if skipped != 1 else ''} skipped" if skipped else ""
-
-
-def _looks_binary(path: Path) -> bool:
-    if path.suffix == ".parquet":
-        return False
-    with open(path, "rb") as f:
-        return b"\0" in f.read(_BINARY_SNIFF_BYTES)
 
 
 def _stdlib_files() -> tuple[Path, ...]:
@@ -243,6 +227,9 @@ def _file_documents(path: Path, text_field: str, errors: str) -> Iterator[str]:
 
 def _decode(raw: bytes, path: Path, offset: int, errors: str) -> str:
     """UTF-8 decode, or a DataError that says where the first bad byte is and how to get past it."""
+    hint = not_text_hint(path, raw) if offset == 0 else None
+    if hint:  # an archive: neither converting nor --errors replace would help
+        raise DataError(f"{path} {hint}")
     try:
         return raw.decode("utf-8", errors)
     except UnicodeDecodeError as e:

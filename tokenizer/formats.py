@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 FORMAT = "minigpt-bpe"
 VERSION = 1
 PathLike = Union[str, os.PathLike]
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")  # the first line of a tiktoken rank file
 
 
 def _read_umask() -> int:
@@ -104,6 +105,10 @@ def load_json(path: PathLike) -> "Tokenizer":
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        if _TIKTOKEN_LINE.match(raw):
+            raise TokenizerError(f"{path} is a tiktoken rank file, not a minigpt tokenizer JSON; load it with "
+                                 f"Tokenizer.from_tiktoken({str(path)!r}, pattern=..., special_tokens=...) and "
+                                 f"save() it as JSON") from None
         raise TokenizerError(f"{path} is not a valid tokenizer JSON file ({e}); {hint}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise TokenizerError(f"{path} is not a minigpt tokenizer file (no \"format\": \"{FORMAT}\"); {hint}")
