@@ -137,6 +137,9 @@ def prepare_data(
         if value is not None and value <= 0:
             raise DataError(f"{name} must be a positive number of bytes, or None for no limit; got {value}")
     src = open_source(source, dataset=dataset, dataset_config=dataset_config, split=split, text_field=text_field)
+    if text_field != "text" and not src.has_fields:
+        say(f"note: the text field {text_field!r} (--text-field) does not apply to {src.description}: text files "
+            f"are read whole; it names the field of .jsonl / .parquet rows and datasets")
     given = _as_tokenizer(tokenizer)
     if given is not None:
         tokenizer_settings: dict = {"checksum": given.checksum}
@@ -157,6 +160,10 @@ def prepare_data(
                 _build(folder, src, given, {**corpus, "tokenizer": tokenizer_settings}, fingerprint, num_proc,
                        progress)
                 prepared = load_prepared(folder)
+                if given is None and prepared.tokenizer.vocab_size < vocab_size:
+                    say(f"note: the tokenizer learned {prepared.tokenizer.vocab_size} ids, fewer than the "
+                        f"{vocab_size} asked for (--vocab-size): the training text ran out of pairs to merge; give "
+                        f"more text for a larger vocabulary")
                 meta = prepared.meta
                 say(f"prepared {_token_counts(meta)} ({meta['documents']['train']:,} + "
                     f"{meta['documents']['val']:,} documents, {meta['dtype']})")

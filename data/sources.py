@@ -79,6 +79,11 @@ class Source:
             return None
         return sum(path.stat().st_size for path in self.files)
 
+    @property
+    def has_fields(self) -> bool:
+        """Whether `text_field` means anything here: a dataset, or .jsonl / .parquet files among the files."""
+        return self.kind in ("dataset", "saved") or any(p.suffix in (".jsonl", ".parquet") for p in self.files)
+
     def identity(self) -> dict:
         """What makes two corpora the same, cheaply: paths, sizes and modification times, or the dataset's name.
 

@@ -361,3 +361,16 @@ def test_a_dataset_source_prepares_like_the_same_local_file(tmp_path):
     assert np.array_equal(local.train_tokens, through_datasets.train_tokens)
     assert np.array_equal(local.val_tokens, through_datasets.val_tokens)
     assert "Hugging Face dataset 'json'" in through_datasets.meta["source"]
+
+
+def test_says_when_a_setting_cannot_take_effect(tmp_path, capsys):
+    make_corpus(tmp_path / "corpus", 5)
+    data = prepare(tmp_path / "corpus", tmp_path / "cache", text_field="body", vocab_size=5000)
+    out = capsys.readouterr().out
+    assert "the text field 'body' (--text-field) does not apply to folder" in out
+    assert f"the tokenizer learned {data.tokenizer.vocab_size} ids, fewer than the 5000 asked for" in out
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"body": f"row {i} " * 20}) + "\n" for i in range(20)))
+    prepare(rows, tmp_path / "cache", text_field="body", vocab_size=260)
+    out = capsys.readouterr().out
+    assert "--text-field" not in out and "fewer than" not in out

@@ -1,5 +1,6 @@
 """data.sources: every kind of corpus, what a document is, and the errors a user can run into."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -160,6 +161,20 @@ def test_non_utf8_error_names_file_and_offset_and_replace_mode_reads_it(tmp_path
         list(iter_documents(str(jsonl)))
     with pytest.raises(DataError, match="unknown errors mode"):
         list(iter_documents(str(path), errors="loose"))
+
+
+def test_an_archive_is_named_with_a_step_that_helps_not_errors_replace(tmp_path):
+    gz = write(tmp_path / "corpus.txt.gz", gzip.compress(b"some text\n" * 100))
+    for errors in ("strict", "replace"):  # replacing its bytes would only make garbage
+        with pytest.raises(DataError, match=r"corpus.txt.gz is gzip-compressed, not text; decompress it first "
+                                            r"\(gunzip -k .*corpus.txt.gz\)"):
+            list(iter_documents(str(gz), errors=errors))
+    table = pa.table({"text": ["a", "b"]})
+    pq.write_table(table, tmp_path / "rows.data")  # Parquet under another name
+    with pytest.raises(DataError, match="is a Parquet file, not text; name it .parquet"):
+        list(iter_documents(str(tmp_path / "rows.data")))
+    text = write(tmp_path / "BZh.txt", "BZh is how this text happens to begin\n")  # text that starts like bzip2
+    assert list(iter_documents(str(text))) == ["BZh is how this text happens to begin\n"]
 
 
 def test_non_utf8_offset_is_exact_in_a_large_file(tmp_path, monkeypatch):
