@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import sys
 import time
@@ -47,10 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA)|float32|bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON object (prompt, samples, counts, settings)")
-    p.add_argument("--eval", metavar="FILE", help="instead of sampling: loss, perplexity and bits per byte on FILE")
+    p.add_argument("--eval", metavar="PATH", help="instead of sampling: loss, perplexity and bits per byte on PATH (a "
+                   "text file, folder, glob, .jsonl or .parquet, read as train.py --data reads it)")
     p.add_argument("--block-size", type=int, default=None, help="--eval window length (default: the training one)")
     p.add_argument("--batch-size", type=int, default=None, help="--eval windows per batch (default: the training one)")
     p.add_argument("--eval-batches", type=int, default=None, help="--eval at most this many batches (default: all)")
+    p.add_argument("--text-field", default=None, help="--eval: the field holding the text in .jsonl/.parquet rows "
+                   "(default: the training run's)")
+    p.add_argument("--errors", default=None, help="--eval: invalid UTF-8 in files: strict|replace|ignore (default: "
+                   "the training run's)")
     return p
 
 
@@ -101,13 +107,19 @@ def evaluate_file(args, model, tokenizer, config, device, autocast) -> int:
 
     from minigpt.evaluate import evaluate_loss
 
-    text = read_text(args.eval, "evaluation file")
-    ids = tokenizer.encode(text, allowed_special="all") if args.allow_special else tokenizer.encode_ordinary(text)
+    ids = eval_tokens(args, tokenizer, config.get("train", {}))
     block_size = args.block_size or config["model"]["block_size"]
     if config["model"]["positions"] == "learned" and block_size > config["model"]["block_size"]:
         raise ConfigError(f"--block-size {block_size} is longer than this learned-position model's "
                           f"{config['model']['block_size']} positions; use --block-size {config['model']['block_size']} "
                           f"or less (ALiBi and sinusoidal models take any length)")
+    if len(ids) < 2:
+        raise MinigptError(f"{args.eval} holds {len(ids)} token{'s' * (len(ids) != 1)}: too little to score (a "
+                           f"prediction needs 2); give more text")
+    if len(ids) - 1 < block_size:  # shorter than one window: score it whole, on a shorter one
+        print(f"note: {args.eval} holds {len(ids)} tokens, less than one block of {block_size} + 1: scoring it on one "
+              f"window of {len(ids) - 1}", file=sys.stderr)
+        block_size = len(ids) - 1
     batch_size = args.batch_size or config.get("train", {}).get("batch_size", 8)
     with autocast:
         result = evaluate_loss(model, np.asarray(ids, dtype=np.int64), block_size, batch_size, args.eval_batches,
@@ -120,6 +132,26 @@ def evaluate_file(args, model, tokenizer, config, device, autocast) -> int:
               f"bits per byte {result['bits_per_byte']:.4f} ({result['tokens']} tokens scored, "
               f"block size {block_size})")
     return 0
+
+
+def eval_tokens(args, tokenizer, train_config: dict) -> list[int]:
+    """The ids of --eval's documents, read by data/sources.py as --data is (folders, .jsonl fields, ...), and
+    joined with the end-of-text token between them, as in the prepared data."""
+    from data.sources import iter_documents
+
+    if args.eval == "-":
+        docs = [read_text("-", "evaluation text from")]
+    elif not glob.has_magic(args.eval) and not Path(args.eval).expanduser().exists():
+        raise MinigptError(f"no evaluation file or folder {args.eval}; check the path")
+    else:
+        docs = iter_documents(args.eval, text_field=args.text_field or train_config.get("text_field", "text"),
+                              errors=args.errors or train_config.get("errors", "strict"))
+    ids: list[int] = []
+    for k, doc in enumerate(docs):
+        if k and tokenizer.eot_id is not None:
+            ids.append(tokenizer.eot_id)
+        ids += tokenizer.encode(doc, allowed_special="all") if args.allow_special else tokenizer.encode_ordinary(doc)
+    return ids
 
 
 def generate(args, model, tokenizer, device, autocast) -> int:

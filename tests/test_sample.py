@@ -147,6 +147,47 @@ def test_eval_loss_equals_the_training_loops_validation_loss(run_dir, tmp_path):
     assert longer["block_size"] == 2 * BLOCK and np.isfinite(longer["loss"])
 
 
+def test_eval_reads_what_train_py_reads_and_scores_a_file_shorter_than_a_block(run_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = ["naïve café plain words doc a\n", "emoji 🙂🎉 Ελληνικά doc b\n", "def f(x):\n    return x * 2\n"]
+    joined = tmp_path / "joined.txt"  # the documents joined by end-of-text, as the prepared data holds them
+    joined.write_text("<|endoftext|>".join(docs), encoding="utf-8")
+    expected = sample_json(run_dir, "--eval", str(joined), "--allow-special", "--block-size", "16")
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs), encoding="utf-8")
+    (tmp_path / "folder").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "folder" / f"{i}.txt").write_text(doc, encoding="utf-8")
+    pq.write_table(pa.table({"body": docs}), tmp_path / "rows.parquet")
+    for path in ("rows.jsonl", "folder", "rows.parquet"):
+        got = sample_json(run_dir, "--eval", str(tmp_path / path), "--text-field", "body", "--block-size", "16")
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6), path
+        assert got["tokens"] == expected["tokens"]
+
+    model, tok, _ = load_model(run_dir)
+    short = tmp_path / "short.txt"
+    short.write_text(docs[0], encoding="utf-8")
+    ids = tok.encode_ordinary(docs[0])
+    assert len(ids) - 1 < BLOCK
+    result = sample(run_dir, "--json", "--eval", str(short))
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert f"scoring it on one window of {len(ids) - 1}" in result.stderr
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    with torch.no_grad():
+        _, loss = model(x, y)  # the model's own loss on the whole file
+    assert out["block_size"] == len(ids) - 1 and out["tokens"] == len(ids) - 1
+    assert out["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café au lait, ".encode("latin-1") * 4)
+    one_line_error(sample(run_dir, "--eval", str(bad)), "not valid UTF-8", "--errors replace")
+    assert np.isfinite(sample_json(run_dir, "--eval", str(bad), "--errors", "replace")["loss"])
+    one_line_error(sample(run_dir, "--eval", str(tmp_path / "missing.txt")), "missing.txt", "check the path")
+    one_line_error(sample(run_dir, "--eval", str(tmp_path / "rows.jsonl")), "no field 'text'", "--text-field")
+
+
 @pytest.mark.parametrize("args, expected", [
     (("--temperature", "-0.5"), "temperature"),
     (("--top-k", "0"), "top_k"),
