@@ -1,4 +1,4 @@
-"""From a corpus to token files: train (or load) the tokenizer, split by document, encode in parallel, store.
+"""From a corpus to token files: train (or load) the tokenizer, split train/val, encode in parallel, store.
 
 A prepared-data folder, `<cache_dir>/<source name>-<fingerprint>/`, holds
 

@@ -18,9 +18,8 @@ Kinds of source (`iter_documents(source, dataset=...)`, or `open_source` for the
 
 What a document is: a file up to 1 MiB is one document (a book, a source file, an article). A larger text file is
 taken to be many texts run together, and is cut into documents of 64-128 KiB, at a blank line where there is one
-(else at a line end): the validation split is then made of whole pieces, and memory stays bounded however big the
-file. The pieces of a file join back to exactly its text. A `.jsonl` line, a Parquet row or a dataset row is one
-document. Empty documents are skipped.
+(else at a line end), so that memory stays bounded however big the file. The pieces of a file join back to exactly
+its text. A `.jsonl` line, a Parquet row or a dataset row is one document. Empty documents are skipped.
 
 **The offline default corpus** (`source=None, dataset=None`): the `.py` sources of the standard library of the
 Python running this code (`sysconfig.get_paths()["stdlib"]`), leaving out `site-packages`/`dist-packages` and the

@@ -225,6 +225,9 @@ def test_second_call_reuses_without_encoding(tmp_path, monkeypatch, capsys):
     assert prepare(tmp_path / "corpus", tmp_path / "cache", tokenizer=other).dir == with_other.dir
     # changed settings or a changed file make a new folder
     assert prepare(tmp_path / "corpus", tmp_path / "cache", val_fraction=0.2).dir != first.dir
+    monkeypatch.setattr(prep, "SPLIT_RULE", prep.SPLIT_RULE + 1)  # another split rule: never the old folder
+    assert prepare(tmp_path / "corpus", tmp_path / "cache").dir != first.dir
+    monkeypatch.undo()
     (tmp_path / "corpus" / "doc000.txt").write_text("changed text\n")
     assert prepare(tmp_path / "corpus", tmp_path / "cache").dir != first.dir
 
