@@ -126,7 +126,7 @@ def words_text(n_words: int, seed: int, sep: str = " ") -> str:
 
 
 def test_held_out_share_of_tokens_is_close_to_val_fraction_however_few_documents(tmp_path, capsys):
-    """The cases the split by whole documents got wrong: 50 %, one line of two never trained on, no split at all."""
+    """The cases that the split by whole documents got wrong: 50 %, one line of two never trained on, no split."""
     (tmp_path / "two").mkdir()
     two_files = [words_text(6000, 1) + "\n", words_text(6000, 2) + "\n"]
     for name, text in zip("ab", two_files):
