@@ -126,7 +126,7 @@ def words_text(n_words: int, seed: int, sep: str = " ") -> str:
 
 
 def test_held_out_share_of_tokens_is_close_to_val_fraction_however_few_documents(tmp_path, capsys):
-    """The cases that the split by whole documents got wrong: 50 %, one line of two never trained on, no split."""
+    """The cases the split by whole documents got wrong: 50 %, one line of two never trained on, no split at all."""
     (tmp_path / "two").mkdir()
     two_files = [words_text(6000, 1) + "\n", words_text(6000, 2) + "\n"]
     for name, text in zip("ab", two_files):
@@ -146,7 +146,8 @@ def test_held_out_share_of_tokens_is_close_to_val_fraction_however_few_documents
             assert abs(share - fraction) < 0.01, (name, fraction, share)
             assert f"{100 * share:.1f}% held out" in capsys.readouterr().out
     data = prepare(tmp_path / "one-line.txt", tmp_path / "cache")
-    assert split_at_eot(data.val_tokens, data.tokenizer)[0][0] == " "  # cut before a space: the word after it keeps its leading space
+    # cut before a space: the word after it keeps its leading space
+    assert split_at_eot(data.val_tokens, data.tokenizer)[0][0] == " "
 
 
 def test_default_corpus_capped_holds_out_the_share_asked(tmp_path):
