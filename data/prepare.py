@@ -30,7 +30,7 @@ same machine deletes the temporary folder of one that was killed).
 
 The folder's name holds a fingerprint of everything that decides its content: the corpus (the source's identity:
 file paths, sizes and modification times, or the dataset's name, config, split and field; max_bytes,
-val_fraction, the errors mode), then the tokenizer (the checksum of a given one, or the settings to train one).
+val_fraction, the errors mode, the split rule), then the tokenizer (the checksum of a given one, or the settings to train one).
 The same call again reuses the folder without reading the corpus; a changed input makes a new one. A given
 tokenizer also reuses a folder of the same corpus whose trained tokenizer has its checksum. Processes that ask for
 the same folder at once (the ranks of a torchrun job) take turns through a file lock: the first builds it, the

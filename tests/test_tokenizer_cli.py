@@ -93,6 +93,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(workdir, args, message):
     (workdir / "void").mkdir(exist_ok=True)
     (workdir / "a.txt.gz").write_bytes(gzip.compress((workdir / "b.txt").read_bytes()))
     Tokenizer.load(workdir / "tok.json").save_tiktoken(workdir / "tok.tiktoken")
+    (workdir / "o.json").unlink(missing_ok=True)  # so that one case that wrongly wrote it fails alone
     r = cli(*args, cwd=workdir)
     assert r.returncode == 2, r.stderr
     assert r.stdout == ""  # checked before anything is printed
