@@ -66,6 +66,7 @@ def test_encode_decode_show_info(workdir):
     (["train", "--input", "missing.txt", "--vocab-size", "300", "--output", "o.json"], "does not exist"),
     (["train", "--input", "void", "--vocab-size", "300", "--output", "o.json"], "folder void has no text files"),
     (["train", "--input", "a.txt.gz", "--vocab-size", "300", "--output", "o.json"], "gunzip -k a.txt.gz"),
+    (["train", "--input", "rows.jsonl", "--vocab-size", "300", "--output", "o.json"], "prepare_data('rows.jsonl'"),
     (["train", "--input", "a.txt.gz", "--errors", "replace", "--vocab-size", "300", "--output", "o.json"],
      "gzip-compressed"),
     (["train", "--input", "bad.txt", "--vocab-size", "300", "--output", "o.json"], "offset 6"),
@@ -93,6 +94,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(workdir, args, message):
     (workdir / "void").mkdir(exist_ok=True)
     (workdir / "a.txt.gz").write_bytes(gzip.compress((workdir / "b.txt").read_bytes()))
     Tokenizer.load(workdir / "tok.json").save_tiktoken(workdir / "tok.tiktoken")
+    (workdir / "rows.jsonl").write_text('{"text": "a row"}\n')
     (workdir / "o.json").unlink(missing_ok=True)  # so that one case that wrongly wrote it fails alone
     r = cli(*args, cwd=workdir)
     assert r.returncode == 2, r.stderr

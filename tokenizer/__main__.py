@@ -108,7 +108,14 @@ def _add_errors(p: argparse.ArgumentParser) -> None:
 
 def _files(paths: list[Path]) -> list[Path]:
     """The text files of the paths (folders and globs expanded), checked before any work starts."""
-    return [f for path in paths for f in input_files(path)]
+    files = [f for path in paths for f in input_files(path)]
+    for f in files:
+        if f.suffix in (".jsonl", ".parquet"):  # their text is a field of each row: data/sources.py reads it
+            raise TokenizerError(
+                f"{f} is a {f.suffix} file; this command reads plain text, not the text field of its rows: extract "
+                f"the text to a file first, or train the tokenizer with data.prepare.prepare_data({str(f)!r}, "
+                f"vocab_size=...), which reads the field (text_field=...) and writes tokenizer.json beside the tokens")
+    return files
 
 
 def _file_text(files: list[Path], errors: str):
