@@ -97,7 +97,7 @@ def test_out_dir_that_is_a_file(tmp_path):
 
 
 def test_bad_errors_mode():
-    assert_one_line_error(run("--errors", "bogus"), "errors must be strict, replace or ignore")
+    assert_one_line_error(run("--errors", "bogus"), "errors must be one of strict, replace, ignore")
 
 
 def test_unknown_flag():
