@@ -229,8 +229,8 @@ def _one_preparation_at_a_time(folder: Path, say: Callable[[str], None]) -> Iter
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(folder.parent / f".{folder.name}.lock",
-                   on_wait=lambda holder: say(f"waiting for another process ({holder or 'starting'}) that is "
-                                              f"preparing {folder}")):
+                   on_wait=lambda holder: say(f"waiting for another process that is preparing {folder}"
+                                              + (f" ({holder})" if holder else ""))):
         yield
 
 
