@@ -8,16 +8,6 @@ from typing import Any, get_args, get_type_hints
 from .errors import ConfigError
 
 POSITION_KINDS = ("learned", "sinusoidal", "alibi")
-DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
-DTYPES = ("auto", "float32", "bfloat16")
-ERROR_MODES = ("strict", "replace", "ignore")  # as data.sources reads undecodable bytes
-PATTERN_NAMES = ("gpt2", "gpt4")  # the tokenizer's named split patterns; a regex is accepted too
-# The allowed values of every choice-valued setting (GPTConfig's and TrainConfig's): checked in __post_init__,
-# listed by `train.py --help`.
-CHOICES = {"positions": POSITION_KINDS, "device": DEVICES, "dtype": DTYPES, "errors": ERROR_MODES,
-           "pattern": PATTERN_NAMES}
-# What a choice setting accepts beyond its list (shown in --help and in the error).
-OPEN_CHOICES = {"device": "cuda:N", "pattern": "a regex"}
 # Settings that are paths: `~` is expanded in them, wherever the value comes from (flag, config file, Python).
 PATH_FIELDS = ("data", "data_dir", "tokenizer", "out_dir")
 
@@ -89,6 +79,17 @@ def _default_model() -> GPTConfig:
     """The `python train.py` model: small enough to train on a laptop CPU in a few minutes."""
     return GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)
 
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+ERROR_MODES = ("strict", "replace", "ignore")  # as data.sources reads undecodable bytes
+PATTERN_NAMES = ("gpt2", "gpt4")  # the tokenizer's named split patterns; a regex is accepted too
+# The allowed values of every choice-valued setting (GPTConfig's and TrainConfig's): checked in __post_init__
+# by _check_choice, listed by `train.py --help`.
+CHOICES = {"positions": POSITION_KINDS, "device": DEVICES, "dtype": DTYPES, "errors": ERROR_MODES,
+           "pattern": PATTERN_NAMES}
+# What a choice setting accepts beyond its list (shown in --help and in the error).
+OPEN_CHOICES = {"device": "cuda:N", "pattern": "a regex"}
 
 
 @dataclass
