@@ -2,9 +2,8 @@
 
 Every field of TrainConfig and GPTConfig is a flag (`--n-layer 6`, `--compile/--no-compile`); `--config FILE`
 (TOML or JSON: keys named like the fields, flat or in [model] / [train] tables, as in a checkpoint's config.json)
-sets values that flags then override. With `--resume`, settings
-not given again are those the checkpoint was trained with. Several processes: `torchrun --nproc_per_node=K
-train.py ...`.
+sets values that flags then override. With `--resume`, settings not given again are those the checkpoint was
+trained with. Several processes: `torchrun --nproc_per_node=K train.py ...`.
 """
 from __future__ import annotations
 
