@@ -18,8 +18,13 @@ import time
 import warnings
 from pathlib import Path
 
-from minigpt.config import TrainConfig
+from minigpt.config import DEVICES, DTYPES, ERROR_MODES, OPEN_CHOICES, TrainConfig, expand_path
 from minigpt.errors import ConfigError, MinigptError, run_cli
+
+# A prompt longer than this many training contexts is cut to its last part for sinusoidal and ALiBi models, which
+# take any length: reading it costs memory that grows with the square of its length, and these models are not
+# measured beyond 8 contexts (BENCHMARKS.md) anyway. Learned positions see at most one context.
+PROMPT_CONTEXTS = 8
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,36 +32,51 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `python sample.py --help`)")
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless the help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", default=TrainConfig().out_dir,
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=_HelpWithDefaults)
+    p.add_argument("--out-dir", default=TrainConfig().out_dir, type=expand_path,
                    help="checkpoint folder written by train.py (its best/ subfolder holds the best-validation model)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue; '-' reads it from stdin (default: empty)")
-    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file ('-' for stdin)")
+    prompt.add_argument("--prompt-file", metavar="FILE", type=expand_path,
+                        help="read the prompt from a UTF-8 file ('-' for stdin)")
     p.add_argument("--allow-special", action="store_true",
                    help="encode special-token text such as <|endoftext|> in the prompt as the special token")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample only from the nucleus of mass p, in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample only among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample only from the nucleus of mass p, in (0, 1] (default: 1, all)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: a random one)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to generate from the prompt")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", type=unescape,
                    help="stop at this text, not printed (may repeat; escapes such as \\n are understood)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (for comparison)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA)|float32|bfloat16")
+    p.add_argument("--device", default="auto",
+                   help=f"one of {', '.join(DEVICES)}, or {OPEN_CHOICES['device']}; auto: cuda, else mps, else cpu")
+    p.add_argument("--dtype", default="auto",
+                   help=f"one of {', '.join(DTYPES)}; auto is bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--json", action="store_true", help="print one JSON object (prompt, samples, counts, settings)")
-    p.add_argument("--eval", metavar="PATH", help="instead of sampling: loss, perplexity and bits per byte on PATH (a "
+    p.add_argument("--eval", metavar="PATH", type=expand_path, help="instead of sampling: loss, perplexity and bits per byte on PATH (a "
                    "text file, folder, glob, .jsonl or .parquet, read as train.py --data reads it)")
     p.add_argument("--block-size", type=int, default=None, help="--eval window length (default: the training one)")
     p.add_argument("--batch-size", type=int, default=None, help="--eval windows per batch (default: the training one)")
     p.add_argument("--eval-batches", type=int, default=None, help="--eval at most this many batches (default: all)")
     p.add_argument("--text-field", default=None, help="--eval: the field holding the text in .jsonl/.parquet rows "
                    "(default: the training run's)")
-    p.add_argument("--errors", default=None, help="--eval: invalid UTF-8 in files: strict|replace|ignore (default: "
-                   "the training run's)")
+    p.add_argument("--errors", default=None, choices=ERROR_MODES,
+                   help="--eval: what to do with invalid UTF-8 in files (default: the training run's)")
     return p
 
 
@@ -154,6 +174,18 @@ def eval_tokens(args, tokenizer, train_config: dict) -> list[int]:
     return ids
 
 
+def cap_prompt(ids: list[int], config) -> list[int]:
+    """The last PROMPT_CONTEXTS training contexts of a prompt that is longer, saying so (see PROMPT_CONTEXTS);
+    learned-position models need no cap: generation slides their window over the prompt."""
+    limit = PROMPT_CONTEXTS * config.block_size
+    if config.positions == "learned" or len(ids) <= limit:
+        return ids
+    print(f"note: the prompt has {len(ids):,} tokens, more than {PROMPT_CONTEXTS} times this model's training "
+          f"context of {config.block_size}; the model reads only its last {limit:,} tokens (memory grows with the "
+          f"square of the length read)", file=sys.stderr)
+    return ids[-limit:]
+
+
 def generate(args, model, tokenizer, device, autocast) -> int:
     import torch
 
@@ -169,6 +201,7 @@ def generate(args, model, tokenizer, device, autocast) -> int:
     ids = tokenizer.encode(prompt, allowed_special="all") if args.allow_special else tokenizer.encode_ordinary(prompt)
     if not ids:  # nothing to condition on: start as a new document does
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+    ids = cap_prompt(ids, model.config)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     samples = []

@@ -1,20 +1,23 @@
 """Train a GPT from a text corpus: `python train.py` runs the offline default corpus end to end on a CPU.
 
 Every field of TrainConfig and GPTConfig is a flag (`--n-layer 6`, `--compile/--no-compile`); `--config FILE`
-(TOML or JSON, flat keys named like the fields) sets values that flags then override. With `--resume`, settings
-not given again are those the checkpoint was trained with. Several processes: `torchrun --nproc_per_node=K
-train.py ...`.
+(TOML or JSON: keys named like the fields, flat or in [model] / [train] tables, as in a checkpoint's config.json)
+sets values that flags then override. With `--resume`, settings not given again are those the checkpoint was
+trained with. Several processes: `torchrun --nproc_per_node=K train.py ...`.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import shlex
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from minigpt.config import GPTConfig, TrainConfig
+from minigpt.config import CHOICES, OPEN_CHOICES, GPTConfig, TrainConfig, expand_path
 from minigpt.errors import ConfigError, run_cli
 
 try:
@@ -26,6 +29,10 @@ except ModuleNotFoundError:  # Python 3.10: TOML needs 3.11's tomllib; JSON file
 DERIVED_MODEL_FIELDS = ("vocab_size",)
 # What --resume does not take from the checkpoint: where and how this run happens, not what it trains.
 MACHINE_SETTINGS = ("out_dir", "resume", "overwrite", "device", "dtype", "compile", "progress")
+# What --config does not take from a checkpoint's config.json: a new run goes elsewhere, on its own.
+RUN_CONTROL = ("out_dir", "resume", "overwrite")
+# What a checkpoint's config.json holds beside the settings.
+CHECKPOINT_KEYS = ("format", "version", "step", "tokenizer_checksum")
 
 
 def _settable_fields() -> list[tuple[type, Any]]:
@@ -38,19 +45,30 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is a ConfigError: one line on stderr, like every other user error."""
 
     def error(self, message: str):
-        raise ConfigError(f"{message} (see `python train.py --help`)")
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        flags = [s for a in self._actions for s in a.option_strings]
+        hints = [f"did you mean {close[0]}?" for arg in unknown
+                 if (close := difflib.get_close_matches(arg.split("=")[0], flags, n=1))]
+        raise ConfigError(f"{message}{' (' + '; '.join(hints) + ')' if hints else ''} "
+                          f"(see `python train.py --help`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(description=__doc__.split("\n\n")[0],
                                      argument_default=argparse.SUPPRESS)  # only flags given on the command line
-    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (flags override it)")
+    parser.add_argument("--config", metavar="FILE", type=expand_path,
+                        help="TOML or JSON file of settings, or a checkpoint's config.json (flags override it)")
     defaults = TrainConfig()
     for owner, f in _settable_fields():
         hint = get_type_hints(owner)[f.name]
         kind = next((t for t in get_args(hint) if t is not type(None)), hint)
         default = getattr(defaults.model if owner is GPTConfig else defaults, f.name)
-        help_text = f"{f.metadata.get('help', f'model setting {f.name}')} (default: {default})"
+        help_text = f.metadata.get("help", f"model setting {f.name}")
+        if f.name in CHOICES:
+            extra = f", or {OPEN_CHOICES[f.name]}" if f.name in OPEN_CHOICES else ""
+            help_text += f"; one of {', '.join(CHOICES[f.name])}{extra}"
+        if "default" not in help_text:
+            help_text += f" (default: {default})"
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
@@ -60,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """Flat settings from a .toml or .json file; keys may use - or _."""
+    """Settings from a .toml or .json file: flat keys (- or _), or [model] / [train] tables, as in a checkpoint's
+    config.json (whose location and run-control settings are left out: a new run goes elsewhere)."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -74,12 +93,28 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid {'JSON' if file.suffix == '.json' else 'TOML'}: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a table of settings")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    known = {f.name for _, f in _settable_fields()}
-    unknown = sorted(set(values) - known)
+    from_checkpoint = "format" in values and isinstance(values.get("model"), dict)
+    flat = {}
+    for table in ("model", "train"):
+        section = values.pop(table, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"[{table}] in config file {path} must be a table of settings")
+        if table == "model" and "vocab_size" in section:  # the model's vocabulary is the tokenizer's
+            section = dict(section)
+            flat.setdefault("vocab_size", section.pop("vocab_size"))
+        flat.update(section)
+    if from_checkpoint:
+        values = {k: v for k, v in values.items() if k not in CHECKPOINT_KEYS}
+        flat = {k: v for k, v in flat.items() if k not in RUN_CONTROL}
+    flat.update(values)
+    flat = {k.replace("-", "_"): v for k, v in flat.items()}
+    known = [f.name for _, f in _settable_fields()]
+    unknown = sorted(set(flat) - set(known))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {path}; see `python train.py --help`")
-    return values
+        named = [k + "".join(f" (did you mean {c}?)" for c in difflib.get_close_matches(k, known, n=1))
+                 for k in unknown]
+        raise ConfigError(f"unknown setting(s) {', '.join(named)} in {path}; see `python train.py --help`")
+    return flat
 
 
 def make_config(argv: list[str] | None = None) -> TrainConfig:
@@ -88,12 +123,23 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
     config_file = given.pop("config", None)
     values = read_config_file(config_file) if config_file else {}
     values.update(given)
+    _say_what_is_ignored(values)
     if values.get("resume"):
         values = {**_checkpoint_settings(values.get("out_dir", TrainConfig().out_dir)), **values}
     model_names = {f.name for f in fields(GPTConfig)} - set(DERIVED_MODEL_FIELDS)
     model = {k: v for k, v in values.items() if k in model_names}
     train = {k: v for k, v in values.items() if k not in model_names}
     return TrainConfig(model=GPTConfig(**{**TrainConfig().model.to_dict(), **model}), **train)
+
+
+def _say_what_is_ignored(values: dict[str, Any]) -> None:
+    """The tokenizer's training settings do nothing when the tokenizer is given (or, on --resume, the
+    checkpoint's): say so rather than let a --vocab-size pass without effect."""
+    source = ("--tokenizer " + shlex.quote(str(values["tokenizer"])) if values.get("tokenizer") else
+              "the checkpoint's tokenizer (--resume)" if values.get("resume") else None)
+    ignored = [f"--{k.replace('_', '-')}" for k in ("vocab_size", "pattern") if k in values]
+    if source and ignored and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {' and '.join(ignored)} ignored: the vocabulary comes from {source}", file=sys.stderr)
 
 
 def _checkpoint_settings(out_dir: str) -> dict[str, Any]:
@@ -109,12 +155,13 @@ def _checkpoint_settings(out_dir: str) -> dict[str, Any]:
 
 def main() -> int:
     cfg = make_config()
-    from minigpt.trainer import train  # torch is imported only once the settings are known to be valid
+    from minigpt.trainer import resume_command, train  # torch is imported only once the settings are valid
 
     out = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"\ncheckpoint: {out}/ (best validation loss: {out}/best/)\n"
-              f"sample from it: python sample.py --out-dir {out}")
+              f"sample from it: python sample.py --out-dir {shlex.quote(str(out))}\n"
+              f"train it further: {resume_command(out)} --max-iters N")
     return 0
 
 

@@ -60,13 +60,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data.errors import DataError
+from data.lock import file_lock
 from data.sources import Source, open_source
 from tokenizer import Tokenizer, pattern_from_name
-
-try:
-    import fcntl
-except ImportError:  # Windows: no file locks (see _one_preparation_at_a_time)
-    fcntl = None
 
 FORMAT = "minigpt-tokens"
 FORMAT_VERSION = 1
@@ -251,24 +247,14 @@ def _one_preparation_at_a_time(folder: Path, say: Callable[[str], None]) -> Iter
     """Hold an exclusive lock on preparing `folder`, so that processes preparing the same data at once (the ranks
     of a torchrun job, two runs) wait for the first, however long it takes, then reuse its folder.
 
-    A file lock (POSIX); where there is none, preparations run side by side, which is safe (the first folder
+    Where there are no file locks (Windows), preparations run side by side, which is safe (the first folder
     renamed into place wins) but repeats the work.
     """
-    if fcntl is None:
-        yield
-        return
     folder.parent.mkdir(parents=True, exist_ok=True)
-    path = folder.parent / f".{folder.name}.lock"
-    with open(path, "a") as lock:  # closing it releases the lock
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another process that is preparing {folder}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:  # tidy; at worst (after a failure) two waiting processes then prepare side by side, which is safe
-            path.unlink(missing_ok=True)
+    with file_lock(folder.parent / f".{folder.name}.lock",
+                   on_wait=lambda holder: say(f"waiting for another process that is preparing {folder}"
+                                              + (f" ({holder})" if holder else ""))):
+        yield
 
 
 def _as_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer | None:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 import tempfile
@@ -166,7 +167,8 @@ def checkpoint_dir(directory: str | Path, needed: tuple[str, ...] = MODEL_FILES)
     save that was killed half-way. Raises CheckpointError saying what is missing or corrupt."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"no checkpoint folder {directory}; train one with `python train.py --out-dir {directory}`")
+        raise CheckpointError(f"no checkpoint folder {directory}; train one with "
+                              f"`python train.py --out-dir {shlex.quote(str(directory))}`")
     try:
         _verified_files(directory, needed)
         return directory

@@ -1,12 +1,31 @@
 """Settings as dataclasses: the one place where defaults live and values are checked."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_args, get_type_hints
 
 from .errors import ConfigError
 
 POSITION_KINDS = ("learned", "sinusoidal", "alibi")
+# Settings that are paths: `~` is expanded in them, wherever the value comes from (flag, config file, Python).
+PATH_FIELDS = ("data", "data_dir", "tokenizer", "out_dir")
+
+
+def expand_path(path: str) -> str:
+    """`~/x` as the shell would expand it, for values that reached us quoted (config files, "~/x" in quotes)."""
+    return os.path.expanduser(path)
+
+
+def _check_choice(name: str, value: str) -> None:
+    """A choice setting must hold one of CHOICES[name] (device: also cuda:N; pattern: also a regex, checked by
+    the tokenizer)."""
+    if name == "device" and value.startswith("cuda:") and value[5:].isdigit():
+        return
+    if name == "pattern" or value in CHOICES[name]:
+        return
+    extra = f" or {OPEN_CHOICES[name]}" if name in OPEN_CHOICES else ""
+    raise ConfigError(f"{name} must be one of {', '.join(CHOICES[name])}{extra}; got {value!r}")
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -33,7 +52,7 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    positions: str = "alibi"  # "learned" | "sinusoidal" | "alibi"
+    positions: str = "alibi"  # one of POSITION_KINDS
     bias: bool = True  # biases in Linear layers and LayerNorms
     tie_weights: bool = True  # output head shares the token embedding matrix
 
@@ -42,8 +61,7 @@ class GPTConfig:
             _check_positive(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.positions not in POSITION_KINDS:
-            raise ConfigError(f"positions must be one of {', '.join(POSITION_KINDS)}; got {self.positions!r}")
+        _check_choice("positions", self.positions)
         if self.positions == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
         if not (0.0 <= float(self.dropout) < 1.0):
@@ -64,6 +82,14 @@ def _default_model() -> GPTConfig:
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
+ERROR_MODES = ("strict", "replace", "ignore")  # as data.sources reads undecodable bytes
+PATTERN_NAMES = ("gpt2", "gpt4")  # the tokenizer's named split patterns; a regex is accepted too
+# The allowed values of every choice-valued setting (GPTConfig's and TrainConfig's): checked in __post_init__
+# by _check_choice, listed by `train.py --help`.
+CHOICES = {"positions": POSITION_KINDS, "device": DEVICES, "dtype": DTYPES, "errors": ERROR_MODES,
+           "pattern": PATTERN_NAMES}
+# What a choice setting accepts beyond its list (shown in --help and in the error).
+OPEN_CHOICES = {"device": "cuda:N", "pattern": "a regex"}
 
 
 @dataclass
@@ -75,13 +101,13 @@ class TrainConfig:
 
     # data source (see data.prepare.prepare_data)
     data: str | None = field(default=None, metadata={"help": "text file, folder, glob, .jsonl or .parquet; default: the offline Python-stdlib corpus"})
-    dataset: str | None = field(default=None, metadata={"help": "Hugging Face dataset name (instead of --data)"})
+    dataset: str | None = field(default=None, metadata={"help": "Hugging Face dataset name, or a builder such as json whose files --data gives"})
     dataset_config: str | None = field(default=None, metadata={"help": "Hugging Face dataset configuration"})
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl/.parquet/datasets"})
-    errors: str = field(default="strict", metadata={"help": "how to treat undecodable bytes: strict|replace|ignore"})
+    errors: str = field(default="strict", metadata={"help": "how to treat undecodable bytes"})
     tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer .json to use instead of training one"})
     vocab_size: int = field(default=4096, metadata={"help": "vocabulary size of the tokenizer trained on the data"})
-    pattern: str = field(default="gpt4", metadata={"help": "pre-tokenizer split pattern: gpt2|gpt4|<regex>"})
+    pattern: str = field(default="gpt4", metadata={"help": "pre-tokenizer split pattern of the tokenizer trained on the data"})
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})
     max_bytes: int | None = field(default=None, metadata={"help": "read at most this many bytes of the corpus"})
     data_dir: str | None = field(default=None, metadata={"help": "token cache folder; default <out-dir>/data"})
@@ -92,7 +118,7 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
     max_iters: int = field(default=1500, metadata={"help": "optimizer steps to train for (in total, across resumes)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
+    min_lr: float | None = field(default=None, metadata={"help": "learning rate at the end of the cosine decay; default --lr / 10"})
     warmup_iters: int = field(default=100, metadata={"help": "steps of linear warmup from 0 to --lr"})
     lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the cosine reaches --min-lr; default --max-iters"})
     weight_decay: float = field(default=0.1, metadata={"help": "decoupled AdamW weight decay (matrices only)"})
@@ -107,8 +133,8 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue the run saved in --out-dir"})
     overwrite: bool = field(default=False, metadata={"help": "start a new run even if --out-dir holds a checkpoint"})
     # hardware
-    device: str = field(default="auto", metadata={"help": "auto|cpu|cuda|cuda:N|mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 autocast on CUDA, float32 elsewhere)|float32|bfloat16"})
+    device: str = field(default="auto", metadata={"help": "where to train; auto picks cuda, then mps, then cpu"})
+    dtype: str = field(default="auto", metadata={"help": "auto is bfloat16 autocast on CUDA, float32 elsewhere"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     seed: int = field(default=1337, metadata={"help": "seed for initialisation, dropout and batch sampling"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -116,38 +142,41 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = GPTConfig.from_dict(self.model)
+        for name in PATH_FIELDS:
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, expand_path(getattr(self, name)))
         _check_types(self)
         for name in ("vocab_size", "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
             _check_positive(name, getattr(self, name))
         for name in ("max_bytes", "lr_decay_iters"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
-        if self.errors not in ("strict", "replace", "ignore"):
-            raise ConfigError(f"errors must be strict, replace or ignore; got {self.errors!r}")
-        if self.data is not None and self.dataset is not None:
-            raise ConfigError("give either data or dataset, not both")
+        for name in ("errors", "pattern", "device", "dtype"):
+            _check_choice(name, getattr(self, name))
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.warmup_iters < 0:
             raise ConfigError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
         if not self.lr > 0.0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.min_lr is not None and not 0.0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} must be between 0 and --lr {self.lr}; give a --min-lr in "
+                              f"that range, or none (it defaults to --lr / 10)")
         for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0.0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N; got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if not self.out_dir:
             raise ConfigError("out_dir must not be empty")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other; give one")
+
+    @property
+    def final_lr(self) -> float:
+        """Where the cosine decay ends: --min-lr, or lr / 10 when not given, so that it follows a changed --lr."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

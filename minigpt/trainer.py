@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from data.loader import BatchLoader
+from data.lock import LockHeld, file_lock
 from data.prepare import PreparedData, prepare_data
 
 from .checkpoint import (RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state, read_config,
@@ -42,6 +44,7 @@ from .plot import plot_losses
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 BEST_DIR = "best"
+LOCK_FILE = ".lock"  # held by the run writing into the folder
 
 
 class TrainingError(MinigptError):
@@ -83,7 +86,8 @@ def train(cfg: TrainConfig) -> Path:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
     run = _Run(cfg, world, device)
     try:
-        out = run.fit()
+        with run.own_out_dir():
+            out = run.fit()
         if world.enabled:
             dist.barrier()  # leave together: rank 0 may still be saving the last checkpoint
         return out
@@ -109,14 +113,53 @@ class _Run:
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------ set-up
+    @contextlib.contextmanager
+    def own_out_dir(self):
+        """Create the output and data folders (one line if impossible) and, on rank 0, hold the output folder's
+        lock for the run: a second run into the same folder is refused instead of interleaving with this one."""
+        cfg = self.cfg
+        if cfg.resume and not self.out.is_dir():
+            checkpoint_dir(self.out)  # says there is no checkpoint to resume, rather than create an empty folder
+        for flag, folder in (("--out-dir", self.out), ("--data-dir", Path(cfg.data_dir or self.out / "data"))):
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{flag} {folder} is a file, not a folder; give a folder to write into")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create {flag} {folder} ({exc.strerror or exc}); give a folder that can "
+                                  f"be created and written to") from None
+        if not self.world.main:  # one lock per run, however many processes it has
+            yield
+            return
+        try:
+            with file_lock(self.out / LOCK_FILE, wait=False):
+                yield
+        except LockHeld as held:
+            raise ConfigError(f"another run ({held.holder or 'starting up'}) is writing into {self.out}; wait for "
+                              f"it to finish, or give another --out-dir") from None
+        except OSError as exc:
+            if exc.filename != str(self.out / LOCK_FILE):
+                raise
+            raise ConfigError(f"cannot write into --out-dir {self.out} ({exc.strerror or exc}); give a folder you "
+                              f"can write to") from None
+
     def fit(self) -> Path:
         cfg = self.cfg
         resume_config = self._check_out_dir()
+        if resume_config is not None:
+            _check_same_model(resume_config, cfg.model, self.out)  # before a data preparation that may take long
+            if resume_config.get("step", 0) >= cfg.max_iters:
+                self._print(f"the run in {self.out} is already at step {resume_config['step']} of --max-iters "
+                            f"{cfg.max_iters}: nothing to do; give a larger --max-iters to train it further")
+                return self.out
+        if cfg.warmup_iters > cfg.max_iters:
+            self._print(f"note: --warmup-iters {cfg.warmup_iters} is longer than the run (--max-iters "
+                        f"{cfg.max_iters}): the learning rate never reaches --lr {cfg.lr}")
         self.data = self._prepare_data(resume_config)
         self.tokenizer = self.data.tokenizer
         self.model_config = replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
         if resume_config is not None:
-            _check_same_model(resume_config, self.model_config, self.tokenizer.checksum, self.out)
+            _check_same_tokenizer(resume_config, self.model_config, self.tokenizer.checksum, self.out)
         self._check_data_size()
 
         random.seed(cfg.seed)
@@ -148,9 +191,6 @@ class _Run:
     def _check_out_dir(self) -> dict[str, Any] | None:
         """Refuse to clobber a checkpoint by accident; on --resume, the checkpoint's config (verified)."""
         cfg = self.cfg
-        for flag, folder in (("--out-dir", self.out), ("--data-dir", Path(cfg.data_dir or self.out / "data"))):
-            if folder.exists() and not folder.is_dir():
-                raise ConfigError(f"{flag} {folder} is a file, not a folder; give a folder to write into")
         if cfg.resume:
             return read_config(checkpoint_dir(self.out, RESUME_FILES))
         if has_checkpoint(self.out) and not cfg.overwrite:
@@ -189,6 +229,7 @@ class _Run:
         cfg, rank = self.cfg, self.world.rank
         state, tensors = load_train_state(self.out, self.model, self.optimizer)
         self.step, self.best_val = state["step"], state["best_val_loss"]
+        self.started -= state.get("elapsed_s", 0.0)  # elapsed_s counts the whole run, not this process's part
         prefix = f"rng.{rank}."
         same_layout = state["world_size"] == self.world.world_size and state["grad_accum"] == cfg.grad_accum
         if same_layout:
@@ -267,7 +308,7 @@ class _Run:
                 if stop:
                     bar.close()
                     self._print(f"stopped at step {self.step}; checkpoint saved in {self.out}; continue with "
-                                f"`python train.py --resume --out-dir {self.out}`")
+                                f"`{resume_command(self.out)}`")
                     raise KeyboardInterrupt
         finally:
             restore_signals()
@@ -279,7 +320,7 @@ class _Run:
     def _train_step(self) -> tuple[float, float, bool]:
         """One optimizer step; returns (mean loss, pre-clip gradient norm, whether any rank was asked to stop)."""
         cfg = self.cfg
-        set_lr(self.optimizer, lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_iters,
+        set_lr(self.optimizer, lr_at(self.step, cfg.lr, cfg.final_lr, cfg.warmup_iters,
                                      cfg.lr_decay_iters or cfg.max_iters))
         loss_sum = torch.zeros((), device=self.device)
         for m, loader in enumerate(self.loaders):
@@ -372,7 +413,7 @@ class _Run:
                   "train": {k: v for k, v in self.cfg.to_dict().items() if k != "model"},
                   "step": self.step, "tokenizer_checksum": self.tokenizer.checksum}
         state = {"step": self.step, "best_val_loss": self.best_val, "world_size": self.world.world_size,
-                 "grad_accum": self.cfg.grad_accum, "data_seed": self.data_seed,
+                 "grad_accum": self.cfg.grad_accum, "data_seed": self.data_seed, "elapsed_s": self._elapsed(),
                  "loaders": [s for states, _, _ in gathered for s in states],
                  "rng": [j for _, j, _ in gathered]}
         tensors = {f"rng.{r}.{k}": v for r, (_, _, ts) in enumerate(gathered) for k, v in ts.items()}
@@ -380,8 +421,12 @@ class _Run:
         if best:
             save_checkpoint(self.out / BEST_DIR, self.model, self.tokenizer, config)
 
+    def _elapsed(self) -> float:
+        """Seconds since the run started, --resume's processes included (from the checkpoint's state)."""
+        return round(time.perf_counter() - self.started, 3)
+
     def _log(self, record: dict[str, Any]) -> None:
-        record["elapsed_s"] = round(time.perf_counter() - self.started, 3)  # since this process started the run
+        record["elapsed_s"] = self._elapsed()
         self.records.append(record)
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
@@ -393,13 +438,32 @@ def loader_rank(rank: int, micro_step: int, grad_accum: int) -> int:
     return rank * grad_accum + micro_step
 
 
-def _check_same_model(saved: dict[str, Any], wanted: GPTConfig, tokenizer_checksum: str, out: Path) -> None:
-    """--resume must rebuild the very network that was saved (dropout may change: it is not part of the shape)."""
+def resume_command(out: Path) -> str:
+    """The shell command that continues the run in `out`: torchrun's when this run is one of its jobs."""
+    launcher = "python"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        nodes = int(os.environ["WORLD_SIZE"]) // per_node
+        launcher = "torchrun" + (f" --nnodes={nodes}" if nodes > 1 else "") + f" --nproc_per_node={per_node}"
+    return f"{launcher} train.py --resume --out-dir {shlex.quote(str(out))}"
+
+
+def _check_same_model(saved: dict[str, Any], wanted: GPTConfig, out: Path) -> None:
+    """--resume must rebuild the very network that was saved (dropout may change: it is not part of the shape;
+    the vocabulary comes from the tokenizer, checked by _check_same_tokenizer once it is loaded)."""
     have = GPTConfig.from_dict(saved["model"]).to_dict()
-    differ = [f"{k}={have[k]!r} (asked: {v!r})" for k, v in wanted.to_dict().items() if k != "dropout" and have[k] != v]
+    differ = [f"{k}={have[k]!r} (asked: {v!r})" for k, v in wanted.to_dict().items()
+              if k not in ("dropout", "vocab_size") and have[k] != v]
     if differ:
         raise CheckpointError(f"the checkpoint in {out} has a different model: {', '.join(differ)}; resume with "
                               f"the same model settings, or train a new model in another --out-dir")
+
+
+def _check_same_tokenizer(saved: dict[str, Any], wanted: GPTConfig, tokenizer_checksum: str, out: Path) -> None:
+    """The tokenizer in use must be the checkpoint's: the same vocabulary, and the same checksum when recorded."""
+    if saved["model"]["vocab_size"] != wanted.vocab_size:
+        raise CheckpointError(f"the checkpoint in {out} has a vocabulary of {saved['model']['vocab_size']} tokens, "
+                              f"the tokenizer in use {wanted.vocab_size}; resume without --tokenizer")
     if saved.get("tokenizer_checksum") not in (None, tokenizer_checksum):
         raise CheckpointError(f"the tokenizer in use differs from the one the checkpoint in {out} was trained with; "
                               f"resume without --tokenizer")

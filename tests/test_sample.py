@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from minigpt.checkpoint import load_model
-from minigpt.config import GPTConfig, TrainConfig
+from minigpt.config import DEVICES, DTYPES, GPTConfig, TrainConfig
 from minigpt.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,3 +274,39 @@ def test_unknown_escape_in_a_stop_string_is_kept_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert SAMPLE_CLI.unescape(r"\d+") == r"\d+"
+
+
+def test_a_very_long_prompt_is_cut_to_its_last_contexts_and_says_so(run_dir):
+    """An ALiBi model takes any length, but reading a prompt costs memory with the square of its length: past
+    PROMPT_CONTEXTS training contexts only its end is read, and stderr says so."""
+    model, tok, config = load_model(run_dir)
+    assert config["model"]["positions"] == "alibi"
+    limit = SAMPLE_CLI.PROMPT_CONTEXTS * BLOCK
+    prompt = " ".join(corpus_documents())
+    ids = tok.encode_ordinary(prompt)
+    assert len(ids) > limit
+    result = sample(run_dir, "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert f"the prompt has {len(ids):,} tokens" in result.stderr and f"last {limit:,} tokens" in result.stderr
+    out = json.loads(result.stdout)
+    assert out["prompt_tokens"] == limit
+    greedy = model.generate(torch.tensor([ids[-limit:]]), 8, temperature=0, stop_id=tok.eot_id)[0, limit:].tolist()
+    assert out["samples"][0]["text"] == tok.decode(greedy[: greedy.index(tok.eot_id)] if tok.eot_id in greedy
+                                                   else greedy)
+    short = sample(run_dir, "--prompt", "plain words", "--max-new-tokens", "2")
+    assert "note:" not in short.stderr
+
+
+def test_out_dir_expands_the_home_folder(run_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(run_dir.parent))
+    out = sample_json(Path("~") / run_dir.name, "--max-new-tokens", "2")
+    assert out["out_dir"] == str(run_dir) and len(out["samples"]) == 1
+
+
+def test_help_shows_the_defaults_and_choices():
+    text = SAMPLE_CLI.build_parser().format_help()
+    for fragment in ("(default: 200)", "(default: 0.8)", "(default: out)", "(default: 1)"):
+        assert fragment in " ".join(text.split()), fragment
+    for flag, values in (("--device", DEVICES), ("--dtype", DTYPES)):
+        help_text = next(a.help for a in SAMPLE_CLI.build_parser()._actions if flag in a.option_strings)
+        assert all(v in help_text for v in values), help_text

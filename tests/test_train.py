@@ -2,6 +2,8 @@
 import json
 import os
 import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +12,10 @@ from safetensors.torch import load_file
 from data.loader import BatchLoader
 from minigpt import GPT
 from minigpt.checkpoint import load_model, read_config
+from minigpt.config import TrainConfig
 from minigpt.errors import CheckpointError, ConfigError
-from minigpt.trainer import TrainingError, train
+from minigpt.optim import lr_at
+from minigpt.trainer import TrainingError, resume_command, train
 
 from helpers import tiny_config, write_corpus
 
@@ -144,3 +148,99 @@ def test_a_killed_save_leaves_no_leftovers_after_the_next(tmp_path, corpus):
     (out / ".incoming-killed" / "model.safetensors").write_bytes(b"half")
     train(tiny_config(*corpus, out, max_iters=8, eval_interval=4, resume=True))
     assert not list(out.glob(".incoming-*"))
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused_while_the_first_runs(tmp_path, corpus, monkeypatch):
+    """Two runs writing one folder would interleave metrics and clobber each other's files: the second is refused,
+    naming the folder and the process of the first, and the first goes on untouched."""
+    out = tmp_path / "shared"
+    real, refused = BatchLoader.next_batch, []
+
+    def next_batch(self):
+        if self.batches == 3 and not refused:
+            refused.append("the second run started")  # and must not get here again
+            with pytest.raises(ConfigError) as second:
+                train(tiny_config(*corpus, out, max_iters=4, overwrite=True))
+            refused[0] = str(second.value)
+        return real(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", next_batch)
+    train(tiny_config(*corpus, out, max_iters=8, eval_interval=4))
+    monkeypatch.undo()
+    assert len(refused) == 1 and str(out) in refused[0] and f"pid {os.getpid()}" in refused[0], refused
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 9))
+    assert read_config(out)["step"] == 8
+    assert not (out / ".lock").exists()  # released: the next run may start
+    train(tiny_config(*corpus, out, max_iters=10, eval_interval=5, resume=True))
+    assert read_config(out)["step"] == 10
+
+
+def test_elapsed_time_keeps_counting_across_resume(tmp_path, corpus, monkeypatch):
+    real = BatchLoader.next_batch
+
+    def slow_batch(self):  # a first part that surely takes longer than the resumed part needs to start
+        time.sleep(0.1)
+        return real(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", slow_batch)
+    out = train(tiny_config(*corpus, tmp_path / "run", max_iters=4, eval_interval=4))
+    monkeypatch.undo()
+    first_part = [r["elapsed_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert first_part[-1] >= 0.4
+    train(tiny_config(*corpus, out, max_iters=8, eval_interval=4, resume=True))
+    elapsed = [r["elapsed_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert elapsed[:len(first_part)] == first_part and len(elapsed) > len(first_part)
+    assert elapsed == sorted(elapsed), elapsed
+    assert elapsed[len(first_part)] > first_part[-1]
+
+
+def test_min_lr_follows_lr_unless_given(tmp_path, corpus):
+    """The cosine ends at lr / 10 by default, so a small --lr is valid without a --min-lr; one given is checked
+    against --lr, naming the flag."""
+    assert TrainConfig(lr=5e-5).final_lr == pytest.approx(5e-6)
+    assert TrainConfig(lr=5e-5, min_lr=1e-6).final_lr == 1e-6
+    with pytest.raises(ConfigError, match="--min-lr 0.001 must be between 0 and --lr 5e-05"):
+        TrainConfig(lr=5e-5, min_lr=1e-3)
+    out = train(tiny_config(*corpus, tmp_path / "run", max_iters=10, eval_interval=10, lr=5e-5, min_lr=None,
+                            warmup_iters=2))
+    expected = [lr_at(step, 5e-5, 5e-6, 2, 10) for step in range(10)]
+    assert [r["lr"] for r in records(out, "train")] == pytest.approx(expected, rel=1e-9)
+    assert read_config(out)["train"]["min_lr"] is None  # a resume with another --lr follows it too
+
+
+def test_resume_checks_the_model_before_preparing_data(tmp_path, corpus):
+    out = train(tiny_config(*corpus, tmp_path / "run", max_iters=4, eval_interval=4))
+    missing = tmp_path / "no-such-corpus.txt"  # preparing it would fail: the model check must come first
+    with pytest.raises(CheckpointError, match="different model.*n_layer=1 .asked: 2"):
+        train(tiny_config(missing, corpus[1], out, {"n_layer": 2}, max_iters=8, resume=True))
+
+
+def test_resume_with_nothing_left_to_do_says_so(tmp_path, corpus, capsys):
+    out = train(tiny_config(*corpus, tmp_path / "run", max_iters=4, eval_interval=4))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    train(tiny_config(*corpus, out, max_iters=4, resume=True))
+    said = capsys.readouterr().out
+    assert "already at step 4 of --max-iters 4: nothing to do" in said
+    assert "preparing" not in said and "reusing" not in said  # it stopped before the data
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_warmup_longer_than_the_run_is_reported(tmp_path, corpus, capsys):
+    train(tiny_config(*corpus, tmp_path / "run", max_iters=4, eval_interval=4, warmup_iters=10))
+    assert "--warmup-iters 10 is longer than the run (--max-iters 4)" in capsys.readouterr().out
+
+
+def test_path_settings_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = TrainConfig(out_dir="~/run", data_dir="~/cache", tokenizer="~/tok.json", data="~/corpus.txt")
+    assert (cfg.out_dir, cfg.data_dir, cfg.tokenizer, cfg.data) == tuple(
+        str(tmp_path / name) for name in ("run", "cache", "tok.json", "corpus.txt"))
+
+
+def test_resume_command_quotes_the_folder_and_names_torchrun(monkeypatch):
+    folder = Path("/tmp/my runs/a")
+    assert resume_command(folder) == "python train.py --resume --out-dir '/tmp/my runs/a'"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resume_command(folder) == "torchrun --nnodes=2 --nproc_per_node=4 train.py --resume --out-dir '/tmp/my runs/a'"

@@ -1,4 +1,5 @@
 """train.py as a user meets it: flags over a config file, and one-line errors that leave checkpoints alone."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from minigpt.checkpoint import read_config
+from minigpt.config import TrainConfig
+from minigpt.errors import ConfigError
 from minigpt.trainer import train
 
 from helpers import tiny_config, write_corpus
@@ -97,7 +100,7 @@ def test_out_dir_that_is_a_file(tmp_path):
 
 
 def test_bad_errors_mode():
-    assert_one_line_error(run("--errors", "bogus"), "errors must be strict, replace or ignore")
+    assert_one_line_error(run("--errors", "bogus"), "errors must be one of strict, replace, ignore")
 
 
 def test_unknown_flag():
@@ -166,3 +169,102 @@ def test_resume_from_corrupt_checkpoint(setup, tmp_path):
     assert_one_line_error(run("--resume", "--out-dir", copy), "truncated or corrupt")
     (copy / "config.json").write_text("{garbage")
     assert_one_line_error(run("--resume", "--out-dir", copy), "config.json")
+
+
+def load_train_cli():
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TRAIN_CLI = load_train_cli()
+
+
+@pytest.mark.parametrize("name", ["out_dir", "data_dir"])
+def test_output_folder_whose_parent_is_a_file(setup, tmp_path, name):
+    corpus, cache, _ = setup
+    (tmp_path / "afile").write_text("x")
+    folders = {"out": tmp_path / "out", "cache": cache, name.split("_")[0]: tmp_path / "afile" / "sub"}
+    with pytest.raises(ConfigError, match=f"cannot create --{name.replace('_', '-')} .*afile/sub"):
+        train(tiny_config(corpus, folders["cache"] if name == "out_dir" else folders["data"], folders["out"]))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_output_folder_in_proc():
+    assert_one_line_error(run("--out-dir", "/proc/nope"), "cannot create --out-dir /proc/nope")
+
+
+def test_home_folder_and_spaces_in_paths(setup, tmp_path, monkeypatch, capsys):
+    """`~` in a config file's and a flag's path means the home folder; the hints quote a path with spaces."""
+    corpus, cache, _ = setup
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "run.toml").write_text('out-dir = "~/my run"\n[train]\nmax_iters = 2\neval_interval = 2\n')
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--config", "~/../run.toml", "--data", str(corpus),
+                                      "--data-dir", "~/cache", *TINY])
+    assert TRAIN_CLI.main() == 0
+    assert read_config(home / "my run")["step"] == 2 and (home / "cache").is_dir()
+    assert not (tmp_path / "~").exists()
+    said = capsys.readouterr().out
+    assert f"python sample.py --out-dir '{home / 'my run'}'" in said
+    assert f"python train.py --resume --out-dir '{home / 'my run'}'" in said
+
+
+def test_dataset_with_data_files_is_accepted():
+    """--dataset json --data FILES, as the README documents (the data layer gives the builder the files)."""
+    cfg = TRAIN_CLI.make_config(["--dataset", "json", "--data", "texts.jsonl"])
+    assert (cfg.dataset, cfg.data) == ("json", "texts.jsonl")
+
+
+def test_help_lists_the_choices_of_every_choice_flag():
+    from minigpt.config import CHOICES
+
+    parser = TRAIN_CLI.build_parser()
+    helps = {a.dest: a.help for a in parser._actions}
+    for name, allowed in CHOICES.items():
+        assert all(value in helps[name] for value in allowed), (name, helps[name])
+        if name != "pattern":  # which also takes any regex (the tokenizer checks it)
+            with pytest.raises(ConfigError, match=f"{name} must be one of {', '.join(allowed)}"):
+                TRAIN_CLI.make_config([f"--{name}", "bogus-value"])
+    assert "cuda:N" in helps["device"] and "regex" in helps["pattern"]
+
+
+def test_choices_match_the_packages_that_read_them():
+    from data.sources import ERROR_MODES
+    from minigpt.config import CHOICES
+    from tokenizer.patterns import PATTERNS
+
+    assert CHOICES["errors"] == ERROR_MODES and set(CHOICES["pattern"]) == set(PATTERNS)
+
+
+def test_config_file_with_model_and_train_tables(tmp_path):
+    (tmp_path / "c.toml").write_text('[model]\nn_layer = 3\npositions = "learned"\n[train]\nlr = 0.002\n')
+    cfg = TRAIN_CLI.make_config(["--config", str(tmp_path / "c.toml"), "--lr", "0.003"])
+    assert (cfg.model.n_layer, cfg.model.positions, cfg.lr) == (3, "learned", 0.003)
+
+
+def test_config_file_may_be_a_checkpoints_config(setup, tmp_path):
+    """A new run with the settings of a trained one, written elsewhere: its out_dir is not taken."""
+    _, _, out = setup
+    saved = read_config(out)
+    cfg = TRAIN_CLI.make_config(["--config", str(out / "config.json"), "--out-dir", str(tmp_path / "new")])
+    assert cfg.model.to_dict() == {**saved["model"], "vocab_size": cfg.model.vocab_size}
+    assert cfg.vocab_size == saved["train"]["vocab_size"] and cfg.max_iters == saved["train"]["max_iters"]
+    assert cfg.out_dir == str(tmp_path / "new")
+    assert TRAIN_CLI.make_config(["--config", str(out / "config.json")]).out_dir == TrainConfig().out_dir
+
+
+def test_unknown_config_key_suggests_the_known_one(tmp_path):
+    (tmp_path / "c.toml").write_text("[model]\nn_layers = 2\n")
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) n_layers \(did you mean n_layer\?\)"):
+        TRAIN_CLI.make_config(["--config", str(tmp_path / "c.toml")])
+
+
+def test_vocab_size_with_a_given_tokenizer_is_reported(capsys):
+    TRAIN_CLI.make_config(["--tokenizer", "tok.json", "--vocab-size", "500"])
+    assert "note: --vocab-size ignored: the vocabulary comes from --tokenizer tok.json" in capsys.readouterr().err
+    TRAIN_CLI.make_config(["--vocab-size", "500"])
+    assert capsys.readouterr().err == ""
