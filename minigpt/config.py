@@ -6,7 +6,10 @@ from typing import Any, get_args, get_type_hints
 
 from .errors import ConfigError
 
-POSITION_KINDS = ("learned", "sinusoidal", "alibi")
+POSITION_KINDS = ("learned", "sinusoidal", "alibi", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "relu2")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -33,9 +36,12 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    positions: str = "alibi"  # "learned" | "sinusoidal" | "alibi"
+    positions: str = "alibi"  # "learned" | "sinusoidal" | "alibi" | "rope"
     bias: bool = True  # biases in Linear layers and LayerNorms
     tie_weights: bool = True  # output head shares the token embedding matrix
+    norm: str = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm"
+    mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu" | "relu2"
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before their dot product
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -46,6 +52,12 @@ class GPTConfig:
             raise ConfigError(f"positions must be one of {', '.join(POSITION_KINDS)}; got {self.positions!r}")
         if self.positions == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"rope positions rotate pairs of channels: the head dimension n_embd / n_head = "
+                              f"{self.n_embd // self.n_head} must be even; change n_embd or n_head")
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -99,6 +111,8 @@ class TrainConfig:
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | muon (Muon for the blocks' matrices, AdamW at --lr for the rest)"})
+    muon_lr: float = field(default=0.02, metadata={"help": "peak learning rate of Muon's matrices (with --optimizer muon); follows --lr's schedule"})
     # evaluation, logging, checkpoints
     eval_interval: int = field(default=250, metadata={"help": "evaluate and save a checkpoint every N steps"})
     eval_iters: int = field(default=20, metadata={"help": "batches per evaluation (train and val)"})
@@ -132,6 +146,10 @@ class TrainConfig:
             raise ConfigError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
         if not self.lr > 0.0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if not self.muon_lr > 0.0:
+            raise ConfigError(f"muon_lr must be > 0, got {self.muon_lr}")
         if not 0.0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         for name in ("weight_decay", "grad_clip"):

@@ -117,6 +117,10 @@ class _Run:
         self.model_config = replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
         if resume_config is not None:
             _check_same_model(resume_config, self.model_config, self.tokenizer.checksum, self.out)
+            saved_optimizer = resume_config.get("train", {}).get("optimizer", "adamw")
+            if saved_optimizer != cfg.optimizer:
+                raise CheckpointError(f"the checkpoint in {self.out} was trained with --optimizer {saved_optimizer}; "
+                                      f"resume with it, or train a new model in another --out-dir")
         self._check_data_size()
 
         random.seed(cfg.seed)
@@ -125,7 +129,7 @@ class _Run:
         self.model = GPT(self.model_config).to(self.device)
         torch.manual_seed(cfg.seed + self.world.rank)  # but a different dropout stream on each
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                        self.device.type)
+                                        self.device.type, cfg.optimizer, cfg.muon_lr)
         self.loaders = self._make_loaders(cfg.seed)
         self.step, self.best_val = 0, math.inf
         self.records: list[dict[str, Any]] = []
