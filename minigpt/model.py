@@ -203,7 +203,8 @@ class CausalSelfAttention(nn.Module):
         # (B, T, 3C) -> (3, B, H, T, d_head): views only; SDPA reads the strided layout directly.
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_norm is not None:
-            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # autocast may compute norms in float32
+            # In float32 (autocast would hand half-precision q and k to float32 gains), then back to v's dtype.
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
