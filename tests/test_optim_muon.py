@@ -13,7 +13,7 @@ from torch import nn
 
 from minigpt import GPT, GPTConfig
 from minigpt.checkpoint import load_model, load_train_state, save_checkpoint
-from minigpt.errors import CheckpointError
+from minigpt.errors import CheckpointError, ConfigError
 from minigpt.evaluate import evaluate_loss
 from minigpt.optim import MuonAdamW, make_optimizer, set_lr
 from minigpt.trainer import train
@@ -182,3 +182,9 @@ def test_resume_with_another_optimizer_is_refused(tmp_path, corpus):
     out = train(tiny_config(*corpus, tmp_path / "run", max_iters=2, eval_interval=2))
     with pytest.raises(CheckpointError, match="trained with --optimizer adamw; resume with it"):
         train(tiny_config(*corpus, out, max_iters=4, optimizer="muon", resume=True))
+
+
+def test_a_torch_without_muon_is_a_one_line_error(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ConfigError, match=r"--optimizer muon needs torch.optim.Muon \(torch >= 2.9\)"):
+        make_optimizer(model_with_grads(), 1e-3, 0.1, (0.9, 0.99), "cpu", "muon", 0.02)
