@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minigpt import GPTConfig
 from minigpt.config import TrainConfig
