@@ -136,7 +136,7 @@ def extrapolation(work: Path, iters: int, eval_tokens: int = 65536) -> list[dict
     from minigpt.evaluate import evaluate_loss
 
     rows = []
-    for positions in ("alibi", "sinusoidal", "learned"):
+    for positions in ("alibi", "sinusoidal", "learned", "rope"):
         out = work / f"x-{positions}"
         last, seconds = _train(out, work / "cache", 4096, positions, iters)
         model, tok, cfg = load_model(out)

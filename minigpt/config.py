@@ -7,7 +7,10 @@ from typing import Any, get_args, get_type_hints
 
 from .errors import ConfigError
 
-POSITION_KINDS = ("learned", "sinusoidal", "alibi")
+POSITION_KINDS = ("learned", "sinusoidal", "alibi", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "relu2")
+OPTIMIZERS = ("adamw", "muon")
 # Settings that are paths: `~` is expanded in them, wherever the value comes from (flag, config file, Python).
 PATH_FIELDS = ("data", "data_dir", "tokenizer", "out_dir")
 
@@ -55,6 +58,9 @@ class GPTConfig:
     positions: str = "alibi"  # one of POSITION_KINDS
     bias: bool = True  # biases in Linear layers and LayerNorms
     tie_weights: bool = True  # output head shares the token embedding matrix
+    norm: str = "layernorm"  # one of NORMS; layernorm is GPT-2's
+    mlp: str = "gelu"  # one of MLPS; gelu is GPT-2's
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before their dot product
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -64,6 +70,11 @@ class GPTConfig:
         _check_choice("positions", self.positions)
         if self.positions == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"rope positions rotate pairs of channels: the head dimension n_embd / n_head = "
+                              f"{self.n_embd // self.n_head} must be even; change n_embd or n_head")
+        _check_choice("norm", self.norm)
+        _check_choice("mlp", self.mlp)
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -86,8 +97,8 @@ ERROR_MODES = ("strict", "replace", "ignore")  # as data.sources reads undecodab
 PATTERN_NAMES = ("gpt2", "gpt4")  # the tokenizer's named split patterns; a regex is accepted too
 # The allowed values of every choice-valued setting (GPTConfig's and TrainConfig's): checked in __post_init__
 # by _check_choice, listed by `train.py --help`.
-CHOICES = {"positions": POSITION_KINDS, "device": DEVICES, "dtype": DTYPES, "errors": ERROR_MODES,
-           "pattern": PATTERN_NAMES}
+CHOICES = {"positions": POSITION_KINDS, "norm": NORMS, "mlp": MLPS, "optimizer": OPTIMIZERS, "device": DEVICES,
+           "dtype": DTYPES, "errors": ERROR_MODES, "pattern": PATTERN_NAMES}
 # What a choice setting accepts beyond its list (shown in --help and in the error).
 OPEN_CHOICES = {"device": "cuda:N", "pattern": "a regex"}
 
@@ -125,6 +136,8 @@ class TrainConfig:
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    optimizer: str = field(default="adamw", metadata={"help": "Muon for the blocks' matrices (AdamW at --lr for the rest), or AdamW for all"})
+    muon_lr: float = field(default=0.02, metadata={"help": "peak learning rate of Muon's matrices (with --optimizer muon); follows --lr's schedule"})
     # evaluation, logging, checkpoints
     eval_interval: int = field(default=250, metadata={"help": "evaluate and save a checkpoint every N steps"})
     eval_iters: int = field(default=20, metadata={"help": "batches per evaluation (train and val)"})
@@ -159,6 +172,9 @@ class TrainConfig:
             raise ConfigError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
         if not self.lr > 0.0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        _check_choice("optimizer", self.optimizer)
+        if not self.muon_lr > 0.0:
+            raise ConfigError(f"muon_lr must be > 0, got {self.muon_lr}")
         if self.min_lr is not None and not 0.0 <= self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must be between 0 and --lr {self.lr}; give a --min-lr in "
                               f"that range, or none (it defaults to --lr / 10)")

@@ -5,6 +5,10 @@
 Pre-LayerNorm blocks (normalise *before* each sub-layer, add the result to an untouched residual stream) are what
 GPT-2 uses: the residual path stays an identity from input to output, which keeps deep stacks trainable without
 warm-up tricks.
+
+That is the default. Later models changed a few pieces, each a switch of GPTConfig that lives where its concept
+does: rotary positions (`positions="rope"`, in attention), RMSNorm for LayerNorm (`norm`, in `_norm`), SwiGLU or
+squared-ReLU MLPs (`mlp`, in MLP), and normalised queries and keys (`qk_norm`, in attention).
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ from torch import Tensor, nn
 
 from .config import GPTConfig
 from .errors import ConfigError
-from .positions import ALiBi, LearnedPositions, SinusoidalPositions
+from .positions import ALiBi, LearnedPositions, RotaryPositions, SinusoidalPositions, rotate
 
 INIT_STD = 0.02  # GPT-2's standard deviation for weights and embeddings (and the sinusoids' scale, see positions.py)
+NORM_EPS = 1e-5  # added to the variance (or mean square) before the square root, as in GPT-2's LayerNorm
 
 
 class GPT(nn.Module):
@@ -30,9 +35,11 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = _position_embedding(config)  # None for ALiBi: it works inside attention instead
         self.alibi = ALiBi(config.n_head) if config.positions == "alibi" else None
+        head_dim = config.n_embd // config.n_head
+        self.rope = RotaryPositions(config.block_size, head_dim) if config.positions == "rope" else None
         self.drop = _dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = _norm(config)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # One matrix both reads tokens in and scores them out (Press & Wolf, 2017): fewer parameters, and
@@ -57,7 +64,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """The final-LayerNorm output (B, T, n_embd) for `idx`, which continues whatever `cache` holds.
+        """The final norm's output (B, T, n_embd) for `idx`, which continues whatever `cache` holds.
 
         The ids are not checked here (forward and generate check them once) so that a generation step stays cheap.
         """
@@ -68,8 +75,9 @@ class GPT(nn.Module):
             x = x + self.wpe(start, T)
         x = self.drop(x)
         attn_mask, is_causal = self._attention_mask(T, start)
+        rope = self.rope(start, T) if self.rope is not None else None  # the angles of these absolute positions
         for layer, block in enumerate(self.blocks):
-            x = block(x, attn_mask, is_causal, cache, layer)
+            x = block(x, attn_mask, is_causal, cache, layer, rope)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)
@@ -151,14 +159,14 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = _norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = _norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None = None,
-                layer: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, layer)
+                layer: int = 0, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -170,22 +178,37 @@ class CausalSelfAttention(nn.Module):
     places, both decided by `GPT._attention_mask`: SDPA's own `is_causal` flag (learned and sinusoidal positions
     without a cached prefix; the flash kernel on GPU), or an explicit mask that already holds -inf above the
     diagonal (ALiBi's bias, or queries that continue a KV cache). Every call gets one of the two.
+
+    Two switches act on the queries and keys before their dot product. QK-norm (`qk_norm`; Henry et al., 2020,
+    here as RMSNorm with a learned gain per channel, as in OLMo 2 and Qwen 3) gives every query and key the same
+    RMS, so a score can only grow through the learned gains and no longer through weights that drift large: a
+    guard against attention logits that blow up. RoPE (`positions="rope"`) then rotates each query and key by
+    the angles of its absolute position; the cache stores keys already rotated, which never need to change.
     """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        head_dim = config.n_embd // config.n_head
+        self.q_norm = nn.RMSNorm(head_dim, eps=NORM_EPS) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=NORM_EPS) if config.qk_norm else None
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
         self.resid_drop = _dropout(config.dropout)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None = None,
-                layer: int = 0) -> Tensor:
+                layer: int = 0, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, H, T, d_head): views only; SDPA reads the strided layout directly.
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0) if cache is None else (qkv[0], *cache.update(layer, qkv[1:]))
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.q_norm is not None:
+            # In float32 (autocast would hand half-precision q and k to float32 gains), then back to v's dtype.
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
             attn_mask = attn_mask.to(q.dtype)  # under autocast q is half precision; SDPA wants matching types
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -195,27 +218,44 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: widen 4x, GELU, project back.
+    """Position-wise feed-forward network: widen, a non-linearity, project back. Three kinds (`mlp`):
 
-    The exact (erf) GELU: GPT-2 used a tanh approximation because erf was slow in 2019 TensorFlow; in torch the
-    exact form is the faster kernel (about 2x, forward + backward, on CPU).
+    - ``gelu`` (GPT-2): widen 4x, GELU. The exact (erf) GELU: GPT-2 used a tanh approximation because erf was
+      slow in 2019 TensorFlow; in torch the exact form is the faster kernel (about 2x, forward + backward, on CPU).
+    - ``relu2``: widen 4x, relu(h)² (So et al., 2021, "Primer"; used by modded-nanogpt and nanochat): as cheap as
+      ReLU, but smooth at 0 and with a sparse output.
+    - ``swiglu`` (Shazeer, 2020; LLaMA): two projections of the input, one gating the other, silu(gate) · value.
+      Three matrices instead of two, so the hidden width is cut to floor(8·n_embd / 3) to keep the parameter
+      count of the 4x MLP: 3·n_embd·hidden weights against 8·n_embd², equal when 3 divides n_embd and otherwise
+      n_embd or 2·n_embd fewer (128 fewer of 131,072 at n_embd 128). Value and gate come from one fused matmul.
     """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        hidden = 8 * config.n_embd // 3 if self.kind == "swiglu" else 4 * config.n_embd
+        widened = 2 * hidden if self.kind == "swiglu" else hidden  # swiglu: value and gate side by side
+        self.fc = nn.Linear(config.n_embd, widened, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.drop = _dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            value, gate = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.drop(self.proj(h))
 
 
 class KVCache:
     """Keys and values of every layer for the positions generated so far.
 
-    During generation the keys and values of past positions never change (for sinusoidal and ALiBi models, and
-    for learned positions until the window slides), so each new token only computes its own and attends to the
+    During generation the keys and values of past positions never change (for sinusoidal, ALiBi and RoPE models,
+    and for learned positions until the window slides), so each new token only computes its own and attends to the
     stored ones: one position of work per token instead of a re-run over the whole context. The buffers are
     allocated once for `capacity` positions, so appending writes one slot rather than copying the history.
     """
@@ -228,15 +268,16 @@ class KVCache:
         self.capacity = capacity
         self.length = 0  # positions stored in every layer; GPT.hidden_states advances it after the last layer
 
-    def update(self, layer: int, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this layer's new keys and values (2, B, H, T, d_head); return all keys and values so far."""
-        end = self.length + kv.shape[3]
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this layer's new keys and values (each B, H, T, d_head); return all keys and values so far."""
+        end = self.length + k.shape[2]
         if end > self.capacity:
             raise ConfigError(f"KV cache holds {self.capacity} positions; cannot add up to position {end}")
         if self.kv is None:
-            self.kv = kv.new_empty(self.shape)
+            self.kv = k.new_empty(self.shape)
         stored = self.kv[layer]
-        stored[:, :, :, self.length:end] = kv
+        stored[0, :, :, self.length:end] = k
+        stored[1, :, :, self.length:end] = v
         return stored[0, :, :, :end], stored[1, :, :, :end]
 
     def reset(self) -> None:
@@ -263,13 +304,25 @@ def _position_embedding(config: GPTConfig) -> nn.Module | None:
     return None
 
 
+def _norm(config: GPTConfig) -> nn.Module:
+    """The normalisation before each sub-layer and at the end: LayerNorm (GPT-2) or RMSNorm.
+
+    LayerNorm centres each vector (subtracts its mean), scales it to unit variance, then applies a gain and a
+    bias. RMSNorm (Zhang & Sennrich, 2019) skips the centring and the bias: x / sqrt(mean(x²) + eps) · gain.
+    Re-scaling turns out to be what matters; RMSNorm does it with one reduction instead of two.
+    """
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=NORM_EPS)
+    return nn.LayerNorm(config.n_embd, eps=NORM_EPS, bias=config.bias)
+
+
 def _dropout(p: float) -> nn.Module:
     """nn.Dropout, or a plain pass-through when p = 0 (no random mask to draw in training)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def _init_gpt2(module: nn.Module) -> None:
-    """GPT-2's initialisation: N(0, 0.02) weights, zero biases (LayerNorms keep their ones and zeros)."""
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases (norms keep their ones and zeros)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
     if isinstance(module, nn.Linear) and module.bias is not None:

@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups, the warmup + cosine learning-rate schedule, and gradient clipping."""
+"""AdamW (or Muon + AdamW) with weight-decay groups, the warmup + cosine learning-rate schedule, and clipping."""
 from __future__ import annotations
 
 import inspect
@@ -7,6 +7,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from .errors import ConfigError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -31,11 +33,76 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device_type: str) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel on CUDA (one launch for all tensors), foreach elsewhere."""
+                   device_type: str, kind: str = "adamw", muon_lr: float = 0.02) -> torch.optim.AdamW | MuonAdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA (one launch for all tensors), foreach elsewhere.
+
+    kind="muon": the 2-D weight matrices of the transformer blocks go to Muon at peak rate `muon_lr`, with the
+    same decoupled weight decay; embeddings, the output head, norms and biases stay with AdamW at `lr`.
+    """
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     extra = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, **extra)
+    groups = param_groups(model, weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
+    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2}
+    for group in groups:
+        group["params"] = [p for p in group["params"] if id(p) not in hidden]
+    matrices = [p for p in model.parameters() if id(p) in hidden]
+    # `lr_scale` keeps Muon at muon_lr / lr times the scheduled rate at every step (see set_lr).
+    muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / lr}], lr=muon_lr, weight_decay=weight_decay)
+    return MuonAdamW(torch.optim.AdamW(groups, lr=lr, betas=betas, **extra), muon)
+
+
+class MuonAdamW:
+    """Muon for the hidden matrices and AdamW for the rest, stepping together as one optimizer.
+
+    Muon (Jordan et al., 2024) follows the momentum of a matrix's gradient, but replaces that momentum by the
+    nearest semi-orthogonal matrix (all singular values 1, found by a few Newton-Schulz iterations) before the
+    step: every direction of the matrix moves by the same amount, instead of the few dominant ones. That only
+    makes sense for matrices that map features to features, so embeddings, the head and vectors stay on AdamW.
+
+    The trainer and the checkpoint see a single optimizer: `param_groups` are AdamW's followed by Muon's, and
+    the state dict is laid out like one torch optimizer's (parameters numbered on through both), so the
+    schedule, saving and an exact resume need no special case. Under DDP each rank steps on the same averaged
+    gradients, so every rank computes the same update.
+    """
+
+    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Optimizer) -> None:
+        self.optimizers = (adamw, muon)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for opt in self.optimizers:
+            sd = opt.state_dict()
+            state.update({offset + index: slots for index, slots in sd["state"].items()})
+            groups += [{**group, "params": [offset + i for i in group["params"]]} for group in sd["param_groups"]]
+            offset += sum(len(group["params"]) for group in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the saved optimizer has {len(groups)} parameter groups, this one "
+                             f"{len(self.param_groups)}")
+        for opt in self.optimizers:
+            mine, groups = groups[:len(opt.param_groups)], groups[len(opt.param_groups):]
+            indices = {i for group in mine for i in group["params"]}
+            opt.load_state_dict({"state": {i: s for i, s in state_dict["state"].items() if int(i) in indices},
+                                 "param_groups": mine})
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
@@ -51,9 +118,10 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: i
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
+    """Set the scheduled rate; a group with an `lr_scale` (Muon's matrices) runs at that multiple of it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Three ways to tell a decoder where each token sits.
+"""Four ways to tell a decoder where each token sits.
 
 Attention by itself is blind to order, so the model needs position information from somewhere:
 
@@ -9,6 +9,9 @@ Attention by itself is blind to order, so the model needs position information f
 - ``alibi``: nothing is added to the embeddings; instead each head's attention score for query i and key j is
   lowered by ``m_h * (i - j)``, a penalty that grows with distance (Press et al., 2022). Because it speaks only
   of distances, a model trained on short sequences keeps working on longer ones.
+- ``rope``: nothing is added to the embeddings either; each head's queries and keys are *rotated* by an angle
+  proportional to their position (Su et al., 2021). A rotation by t·θ of the query and by s·θ of the key leaves
+  their dot product depending only on (t - s)·θ, so attention sees relative positions, from absolute rotations.
 """
 from __future__ import annotations
 
@@ -129,3 +132,36 @@ class ALiBi(nn.Module):
                 self._masks.clear()
             mask = self._masks[key] = alibi_mask(self.slopes, q_len, k_len)[None]
         return mask
+
+
+class RotaryPositions(nn.Module):
+    """RoPE's cosines and sines for each position: those of the sinusoidal table, one angle per pair of channels.
+
+    A query or key of head dimension d is cut into d/2 pairs, pair k being channels (k, k + d/2) (the "halves"
+    layout of GPT-NeoX and LLaMA in Hugging Face; the paper pairs neighbours, which differs only by a fixed
+    permutation of the channels, which the projection weights absorb). Pair k at position t turns by the angle
+    t·θ_k with θ_k = 10000^(-2k/d): exactly the angles of `sinusoidal_table`, so the table is reused. Rows up to
+    block_size are precomputed; later positions are computed when asked for, so RoPE runs past block_size.
+    """
+
+    def __init__(self, block_size: int, head_dim: int) -> None:
+        super().__init__()
+        table = sinusoidal_table(block_size, head_dim)  # columns 2k: sin(t·θ_k), 2k + 1: cos(t·θ_k)
+        self.register_buffer("cos", table[:, 1::2].contiguous(), persistent=False)
+        self.register_buffer("sin", table[:, 0::2].contiguous(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        """cos and sin, each (length, d/2), of positions start .. start + length - 1."""
+        end = start + length
+        if end <= self.cos.shape[0]:
+            return self.cos[start:end], self.sin[start:end]
+        table = sinusoidal_table(length, 2 * self.cos.shape[1], start).to(self.cos)
+        return table[:, 1::2], table[:, 0::2]
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Turn every pair (x1, x2) = (x[..., k], x[..., k + d/2]) of x (..., T, d) by its angle: a 2-D rotation,
+    (x1, x2) -> (x1·cos - x2·sin, x1·sin + x2·cos), with cos and sin (T, d/2) broadcast over the leading axes."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast x is half precision; keep it so
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)

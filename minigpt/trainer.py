@@ -148,6 +148,10 @@ class _Run:
         resume_config = self._check_out_dir()
         if resume_config is not None:
             _check_same_model(resume_config, cfg.model, self.out)  # before a data preparation that may take long
+            saved_optimizer = resume_config.get("train", {}).get("optimizer", "adamw")
+            if saved_optimizer != cfg.optimizer:
+                raise CheckpointError(f"the checkpoint in {self.out} was trained with --optimizer {saved_optimizer}; "
+                                      f"resume with it, or train a new model in another --out-dir")
             if resume_config.get("step", 0) >= cfg.max_iters:
                 self._print(f"the run in {self.out} is already at step {resume_config['step']} of --max-iters "
                             f"{cfg.max_iters}: nothing to do; give a larger --max-iters to train it further")
@@ -168,7 +172,7 @@ class _Run:
         self.model = GPT(self.model_config).to(self.device)
         torch.manual_seed(cfg.seed + self.world.rank)  # but a different dropout stream on each
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                        self.device.type)
+                                        self.device.type, cfg.optimizer, cfg.muon_lr)
         self.loaders = self._make_loaders(cfg.seed)
         self.step, self.best_val = 0, math.inf
         self.records: list[dict[str, Any]] = []

@@ -267,7 +267,7 @@ def test_bad_token_ids_are_refused_with_the_allowed_range():
     [
         (dict(n_embd=30, n_head=4), "divisible"),
         (dict(n_embd=15, n_head=5, positions="sinusoidal"), "even"),
-        (dict(positions="rope"), "positions"),
+        (dict(positions="rotary"), "positions"),
         (dict(n_layer=0), "n_layer"),
         (dict(vocab_size=-3), "vocab_size"),
         (dict(dropout=1.0), "dropout"),

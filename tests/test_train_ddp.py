@@ -41,16 +41,23 @@ def losses(out):
             [loss for r in records if r["kind"] == "eval" for loss in (r["train_loss"], r["val_loss"])])
 
 
-def test_two_processes_match_one_process_with_double_accumulation(tmp_path):
+# The default model with AdamW, and every switch with Muon (its own optimizer state and step under DDP).
+DEFAULT = ({}, {}, [])
+MODERN = ({"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True}, {"optimizer": "muon"},
+          ["--positions", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--qk-norm", "--optimizer", "muon"])
+
+
+@pytest.mark.parametrize("model, settings, switch_flags", [DEFAULT, MODERN], ids=["default", "modern+muon"])
+def test_two_processes_match_one_process_with_double_accumulation(tmp_path, model, settings, switch_flags):
     corpus, cache = write_corpus(tmp_path / "corpus.txt"), tmp_path / "cache"
-    common = dict(max_iters=12, eval_interval=6, batch_size=4, lr=3e-3)
-    single = train(tiny_config(corpus, cache, tmp_path / "single", grad_accum=2, **common))
+    common = dict(max_iters=12, eval_interval=6, batch_size=4, lr=3e-3, **settings)
+    single = train(tiny_config(corpus, cache, tmp_path / "single", model, grad_accum=2, **common))
 
     # its own --data-dir: both ranks find no prepared data, so one prepares while the other waits for it
     flags = ["--data", corpus, "--data-dir", tmp_path / "ddp-cache", "--out-dir", tmp_path / "ddp", "--vocab-size", 300,
              "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--block-size", 16, "--batch-size", 4, "--grad-accum", 1,
              "--max-iters", 12, "--eval-interval", 6, "--eval-iters", 4, "--log-interval", 1, "--lr", 3e-3,
-             "--min-lr", 3e-4, "--warmup-iters", 3, "--no-progress", "--device", "cpu"]
+             "--min-lr", 3e-4, "--warmup-iters", 3, "--no-progress", "--device", "cpu", *switch_flags]
     launcher = tmp_path / "train_and_count_threads.py"
     launcher.write_text(TRAIN_AND_COUNT_THREADS.format(train=str(ROOT / "train.py")))
     result = subprocess.run(
