@@ -7,6 +7,7 @@ from typing import Any, get_args, get_type_hints
 from .errors import ConfigError
 
 POSITION_KINDS = ("learned", "sinusoidal", "alibi")
+ACTIVATIONS = ("gelu", "gelu_tanh")  # exact (erf) GELU, or GPT-2's tanh approximation (for its pretrained weights)
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -36,6 +37,7 @@ class GPTConfig:
     positions: str = "alibi"  # "learned" | "sinusoidal" | "alibi"
     bias: bool = True  # biases in Linear layers and LayerNorms
     tie_weights: bool = True  # output head shares the token embedding matrix
+    activation: str = "gelu"  # "gelu" | "gelu_tanh" (GPT-2's approximation: set when loading its weights)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -44,6 +46,8 @@ class GPTConfig:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.positions not in POSITION_KINDS:
             raise ConfigError(f"positions must be one of {', '.join(POSITION_KINDS)}; got {self.positions!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
         if self.positions == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
         if not (0.0 <= float(self.dropout) < 1.0):
@@ -80,6 +84,7 @@ class TrainConfig:
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl/.parquet/datasets"})
     errors: str = field(default="strict", metadata={"help": "how to treat undecodable bytes: strict|replace|ignore"})
     tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer .json to use instead of training one"})
+    init_from: str | None = field(default=None, metadata={"help": "finetune a pretrained GPT-2-family model: a Hugging Face folder or hub name (its shape and tokenizer are used)"})
     vocab_size: int = field(default=4096, metadata={"help": "vocabulary size of the tokenizer trained on the data"})
     pattern: str = field(default="gpt4", metadata={"help": "pre-tokenizer split pattern: gpt2|gpt4|<regex>"})
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})

@@ -45,6 +45,13 @@ class GPT(nn.Module):
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, block_size: int | None = None, dropout: float = 0.0) -> "GPT":
+        """A GPT-2-family model in Hugging Face layout: a folder, or a hub name such as "gpt2" (see hf.py)."""
+        from .hf import load_pretrained
+
+        return load_pretrained(name_or_path, block_size, dropout)
+
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for every position, and the mean cross-entropy against `targets` when given."""
         check_token_ids(idx, self.config.vocab_size)
@@ -197,8 +204,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """Position-wise feed-forward network: widen 4x, GELU, project back.
 
-    The exact (erf) GELU: GPT-2 used a tanh approximation because erf was slow in 2019 TensorFlow; in torch the
-    exact form is the faster kernel (about 2x, forward + backward, on CPU).
+    The exact (erf) GELU by default: GPT-2 used a tanh approximation because erf was slow in 2019 TensorFlow; in
+    torch the exact form is the faster kernel (about 2x, forward + backward, on CPU). ``activation="gelu_tanh"``
+    is GPT-2's approximation, which its pretrained weights were trained with.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -206,9 +214,10 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.drop = _dropout(config.dropout)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class KVCache:
