@@ -60,17 +60,21 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     name = str(name_or_path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or not name.strip():
+    if path.exists() or name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1 \
+            or not name.strip():
         raise CheckpointError(f"{name} is not a folder; give the folder of a Hugging Face model "
                               f"(config.json + model.safetensors) or a hub name such as gpt2")
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import RepositoryNotFoundError
+        from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
     except ImportError:
         raise CheckpointError(f"{name} is not a folder, and huggingface_hub (needed to download it) is not "
                               f"installed; `pip install huggingface_hub`, or pass the path of a downloaded folder")
     try:
         return Path(snapshot_download(repo_id=name, allow_patterns=HUB_FILES))
+    except HFValidationError:
+        raise CheckpointError(f"{name} is neither a folder nor a valid hub name; give the folder of a Hugging Face "
+                              f"model (config.json + model.safetensors) or a hub name such as gpt2") from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"no model {name} on the Hugging Face hub (and no folder of that name here); "
                               f"check the name, or pass the path of a downloaded folder") from None
