@@ -220,9 +220,10 @@ def load_into(model: GPT, name_or_path: str | os.PathLike) -> None:
 
 def load_pretrained(name_or_path: str | os.PathLike, block_size: int | None = None, dropout: float = 0.0) -> GPT:
     """GPT.from_pretrained: the model in eval mode, float32, on the CPU."""
-    config = pretrained_config(name_or_path, {"block_size": block_size} if block_size else {})
+    folder = resolve(name_or_path)  # once: a hub name is looked up on the network
+    config = pretrained_config(folder, {"block_size": block_size} if block_size else {})
     model = GPT(GPTConfig(**{**config.to_dict(), "dropout": dropout}))
-    load_into(model, name_or_path)
+    load_into(model, folder)
     return model.eval()
 
 

@@ -4,6 +4,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,10 +124,10 @@ def test_bad_folders_are_one_line_errors(gpt2_dir, tmp_path):
     (pickle / "pytorch_model.bin").unlink()
     one_line_error(cli(sample, "--init-from", str(pickle)), "no model.safetensors")
     one_line_error(cli(sample, "--init-from", str(tmp_path / "nowhere/")), "not a folder")
-    tanh = tmp_path / "relu"
-    tanh.mkdir()
-    (tanh / "config.json").write_text(json.dumps({"model_type": "gpt2", "activation_function": "relu"}))
-    one_line_error(cli(sample, "--init-from", str(tanh)), "activation_function='relu'")
+    relu = tmp_path / "relu"
+    relu.mkdir()
+    (relu / "config.json").write_text(json.dumps({"model_type": "gpt2", "activation_function": "relu"}))
+    one_line_error(cli(sample, "--init-from", str(relu)), "activation_function='relu'")
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused(gpt2_dir, tmp_path):
@@ -138,9 +139,10 @@ def test_tokenizer_larger_than_the_embedding_is_refused(gpt2_dir, tmp_path):
         hf.load_tokenizer(str(tmp_path), vocab_size=VOCAB - 1)
 
 
-def test_unreachable_hub_name_says_what_to_do(monkeypatch):
-    """The real download path, made to fail as it does on a machine without network (HF_HUB_OFFLINE=1)."""
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent-hf-home"}
+def test_unreachable_hub_name_says_what_to_do(tmp_path):
+    """The real download path, made to fail as it does on a machine without network (HF_HUB_OFFLINE=1, and an
+    empty cache)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--init-from", "openai-community/gpt2"],
                             capture_output=True, text=True, env=env, timeout=120)
     one_line_error(result, "openai-community/gpt2", "no network", "pass its path")
