@@ -176,6 +176,12 @@ def test_finetune_from_pretrained_crops_positions_and_resumes(gpt2_dir, tmp_path
     assert resumed.init_from == str(gpt2_dir) and resumed.model.block_size == 16
     train(resumed)
     assert json.loads((out / "train_state.json").read_text())["step"] == 2
+    # and the finetuned model goes back to transformers: its ids (the file's numbering) and its logits
+    model, tok, _ = load_model(out)
+    assert cli(export_main, str(out), str(tmp_path / "hf")).returncode == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(TEXT)["input_ids"] == tok.encode_ordinary(TEXT)
+    with torch.no_grad():
+        assert (model(idx)[0] - reference(tmp_path / "hf")(idx).logits).abs().max() <= 1e-4
 
 
 # ------------------------------------------------------------------------------------------------------ export
