@@ -194,7 +194,8 @@ def bench_memory(quick: bool, threads: int) -> None:
     print(f"\npeak memory of a finetuning process (3 steps, batch {FT_BATCH} x {FT_CONTEXT}; fresh process each)")
     peaks = {}
     for who in ("ours", "GPT2LMHeadModel"):
-        argv = [sys.executable, __file__, "--threads", str(threads), "--memory-child", who] + (["--quick"] if quick else [])
+        argv = [sys.executable, __file__, "--threads", str(threads), "--memory-child", who]
+        argv += ["--quick"] if quick else []
         result = subprocess.run(argv, capture_output=True, text=True, check=True)
         peaks[who] = float(result.stdout.split()[-1])
     for who, peak in peaks.items():

@@ -129,7 +129,7 @@ def gpt_config(folder: Path) -> GPTConfig:
             need(c.get("no_bias", True), "Linear biases")
             need(c.get("expansion_ratio", 4) == 4, f"expansion_ratio={c.get('expansion_ratio')}")
             need(not attn.get("qk_ln") and not attn.get("clip_qkv") and attn.get("softmax_scale") is None
-                 and not attn.get("prefix_lm"), "a non-standard attention (qk_ln, clip_qkv, softmax_scale or prefix_lm)")
+                 and not attn.get("prefix_lm"), "a non-standard attention (qk_ln, clip_qkv, softmax_scale, prefix_lm)")
             need(c.get("logit_scale") is None and c.get("embedding_fraction", 1.0) == 1.0,
                  "a logit_scale or embedding_fraction")
             config = GPTConfig(vocab_size=int(c.get("vocab_size", 50368)), block_size=int(c.get("max_seq_len", 2048)),
@@ -204,7 +204,8 @@ def load_into(model: GPT, name_or_path: str | os.PathLike) -> None:
     table = weights.get("wpe.table.weight")
     if table is not None and model.config.block_size < table.shape[0]:
         weights["wpe.table.weight"] = table[:model.config.block_size]
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (k == "head.weight" and model.config.tie_weights)}
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if not (k == "head.weight" and model.config.tie_weights)}
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     wrong = [k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k]]
     if missing or unexpected or wrong:

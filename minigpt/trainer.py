@@ -228,8 +228,8 @@ class _Run:
         self._print(
             f"model: {self.model.num_parameters() / 1e6:.2f}M parameters "
             f"({self.model.num_parameters(non_embedding=True) / 1e6:.2f}M non-embedding), "
-            f"{c.n_layer} layers × {c.n_head} heads × {c.n_embd} wide, context {c.block_size}, {c.positions} positions"
-            f"{f', from {cfg.init_from}' if cfg.init_from else ''}\n"
+            f"{c.n_layer} layers × {c.n_head} heads × {c.n_embd} wide, context {c.block_size}, "
+            f"{c.positions} positions{f', from {cfg.init_from}' if cfg.init_from else ''}\n"
             f"compute: {flops / 1e6:.1f} MFLOPs per token (forward + backward), "
             f"{flops * tokens_per_step / 1e9:.1f} GFLOPs per step of {tokens_per_step} tokens\n"
             f"data: {len(self.data.train_tokens):,} train / {len(self.data.val_tokens):,} val tokens, "

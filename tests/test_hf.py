@@ -113,6 +113,8 @@ def test_tokenizer_of_the_folder_gives_transformers_ids(gpt2_dir):
 
 def test_bad_folders_are_one_line_errors(gpt2_dir, tmp_path):
     sample = sample_cli()
+    (tmp_path / "empty").mkdir()
+    one_line_error(cli(sample, "--init-from", str(tmp_path / "empty")), "no config.json")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     one_line_error(cli(sample, "--init-from", str(tmp_path / "llama")), "'llama'", "gpt2")

@@ -3,8 +3,9 @@
 A tokenizer is three things: a pre-splitting ``pattern``, the ``ranks`` of its mergeable tokens (token bytes ->
 id; the id is also the merge priority, lower merges first) and ``special_tokens`` (text -> id, never produced by
 merging). A vocabulary made elsewhere may number its tokens in another order than it merges them (a Hugging Face
-file can); then ``ids`` (token bytes -> id) is given too, and merging still follows the ranks. Encoding a piece of text repeatedly joins the adjacent pair whose joined bytes have the lowest rank,
-exactly like tiktoken; results are cached per piece, so a corpus costs roughly one regex pass plus dict lookups.
+file can); then ``ids`` (token bytes -> id) is given too, and merging still follows the ranks. Encoding a piece
+of text repeatedly joins the adjacent pair whose joined bytes have the lowest rank, exactly like tiktoken; results
+are cached per piece, so a corpus costs roughly one regex pass plus dict lookups.
 """
 
 from __future__ import annotations
