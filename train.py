@@ -129,6 +129,8 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
     model_names = {f.name for f in fields(GPTConfig)} - set(DERIVED_MODEL_FIELDS)
     model = {k: v for k, v in values.items() if k in model_names}
     train = {k: v for k, v in values.items() if k not in model_names}
+    if train.get("init_from") and not train.get("resume"):
+        return TrainConfig(model=_pretrained_model(train, model), **train)
     return TrainConfig(model=GPTConfig(**{**TrainConfig().model.to_dict(), **model}), **train)
 
 
@@ -140,6 +142,18 @@ def _say_what_is_ignored(values: dict[str, Any]) -> None:
     ignored = [f"--{k.replace('_', '-')}" for k in ("vocab_size", "pattern") if k in values]
     if source and ignored and int(os.environ.get("RANK", 0)) == 0:
         print(f"note: {' and '.join(ignored)} ignored: the vocabulary comes from {source}", file=sys.stderr)
+
+
+def _pretrained_model(train: dict[str, Any], model: dict[str, Any]) -> GPTConfig:
+    """--init-from: the pretrained model's shape, with the few settings a finetune may change (a shorter
+    --block-size, --dropout); other model flags must agree with it, and it brings its own tokenizer."""
+    for name in ("tokenizer", "vocab_size", "pattern"):
+        if name in train:
+            raise ConfigError(f"--{name.replace('_', '-')} contradicts --init-from, which brings its own tokenizer; "
+                              f"leave it out")
+    from minigpt.hf import pretrained_config  # imports torch: only when finetuning
+
+    return pretrained_config(expand_path(train["init_from"]), model)
 
 
 def _checkpoint_settings(out_dir: str) -> dict[str, Any]:

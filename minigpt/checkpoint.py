@@ -238,9 +238,9 @@ def load_model(out_dir: str | Path, device: str | torch.device = "cpu") -> tuple
         tokenizer = Tokenizer.load(folder / TOKENIZER_FILE)
     except (TokenizerError, OSError, ValueError) as exc:
         raise CheckpointError(f"{folder / TOKENIZER_FILE} cannot be read: {exc}") from None
-    if tokenizer.vocab_size != model_config.vocab_size:
+    if tokenizer.vocab_size > model_config.vocab_size:  # fewer is fine: a pretrained vocabulary may be padded
         raise CheckpointError(f"{folder / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model in "
-                              f"{folder} expects {model_config.vocab_size}; the two files do not belong together")
+                              f"{folder} has only {model_config.vocab_size}; the two files do not belong together")
     model = GPT(model_config)
     _load_weights_into(model, folder / MODEL_FILE)
     return model.to(device).eval(), tokenizer, config

@@ -11,8 +11,9 @@ POSITION_KINDS = ("learned", "sinusoidal", "alibi", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "relu2")
 OPTIMIZERS = ("adamw", "muon")
+ACTIVATIONS = ("gelu", "gelu_tanh")  # exact (erf) GELU, or GPT-2's tanh approximation (for its pretrained weights)
 # Settings that are paths: `~` is expanded in them, wherever the value comes from (flag, config file, Python).
-PATH_FIELDS = ("data", "data_dir", "tokenizer", "out_dir")
+PATH_FIELDS = ("data", "data_dir", "tokenizer", "init_from", "out_dir")
 
 
 def expand_path(path: str) -> str:
@@ -61,6 +62,7 @@ class GPTConfig:
     norm: str = "layernorm"  # one of NORMS; layernorm is GPT-2's
     mlp: str = "gelu"  # one of MLPS; gelu is GPT-2's
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before their dot product
+    activation: str = "gelu"  # one of ACTIVATIONS; gelu_tanh is GPT-2's approximation (set when loading its weights)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -68,6 +70,7 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         _check_choice("positions", self.positions)
+        _check_choice("activation", self.activation)
         if self.positions == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
         if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
@@ -97,8 +100,8 @@ ERROR_MODES = ("strict", "replace", "ignore")  # as data.sources reads undecodab
 PATTERN_NAMES = ("gpt2", "gpt4")  # the tokenizer's named split patterns; a regex is accepted too
 # The allowed values of every choice-valued setting (GPTConfig's and TrainConfig's): checked in __post_init__
 # by _check_choice, listed by `train.py --help`.
-CHOICES = {"positions": POSITION_KINDS, "norm": NORMS, "mlp": MLPS, "optimizer": OPTIMIZERS, "device": DEVICES,
-           "dtype": DTYPES, "errors": ERROR_MODES, "pattern": PATTERN_NAMES}
+CHOICES = {"positions": POSITION_KINDS, "norm": NORMS, "mlp": MLPS, "activation": ACTIVATIONS,
+           "optimizer": OPTIMIZERS, "device": DEVICES, "dtype": DTYPES, "errors": ERROR_MODES, "pattern": PATTERN_NAMES}
 # What a choice setting accepts beyond its list (shown in --help and in the error).
 OPEN_CHOICES = {"device": "cuda:N", "pattern": "a regex"}
 
@@ -117,6 +120,7 @@ class TrainConfig:
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl/.parquet/datasets"})
     errors: str = field(default="strict", metadata={"help": "how to treat undecodable bytes"})
     tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer .json to use instead of training one"})
+    init_from: str | None = field(default=None, metadata={"help": "finetune a pretrained GPT-2-family model: a Hugging Face folder or hub name (its shape and tokenizer are used)"})
     vocab_size: int = field(default=4096, metadata={"help": "vocabulary size of the tokenizer trained on the data"})
     pattern: str = field(default="gpt4", metadata={"help": "pre-tokenizer split pattern of the tokenizer trained on the data"})
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})

@@ -52,6 +52,13 @@ class GPT(nn.Module):
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, block_size: int | None = None, dropout: float = 0.0) -> "GPT":
+        """A GPT-2-family model in Hugging Face layout: a folder, or a hub name such as "gpt2" (see hf.py)."""
+        from .hf import load_pretrained
+
+        return load_pretrained(name_or_path, block_size, dropout)
+
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for every position, and the mean cross-entropy against `targets` when given."""
         check_token_ids(idx, self.config.vocab_size)
@@ -220,8 +227,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """Position-wise feed-forward network: widen, a non-linearity, project back. Three kinds (`mlp`):
 
-    - ``gelu`` (GPT-2): widen 4x, GELU. The exact (erf) GELU: GPT-2 used a tanh approximation because erf was
-      slow in 2019 TensorFlow; in torch the exact form is the faster kernel (about 2x, forward + backward, on CPU).
+    - ``gelu`` (GPT-2): widen 4x, GELU. The exact (erf) GELU by default: GPT-2 used a tanh approximation because
+      erf was slow in 2019 TensorFlow; in torch the exact form is the faster kernel (about 2x, forward + backward,
+      on CPU). ``activation="gelu_tanh"`` is GPT-2's approximation, which its pretrained weights were trained with.
     - ``relu2``: widen 4x, relu(h)² (So et al., 2021, "Primer"; used by modded-nanogpt and nanochat): as cheap as
       ReLU, but smooth at 0 and with a sparse output.
     - ``swiglu`` (Shazeer, 2020; LLaMA): two projections of the input, one gating the other, silu(gate) · value.
@@ -238,6 +246,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, widened, bias=config.bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.drop = _dropout(config.dropout)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
@@ -247,7 +256,7 @@ class MLP(nn.Module):
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.approximate)
         return self.drop(self.proj(h))
 
 

@@ -37,6 +37,7 @@ from .config import GPTConfig, TrainConfig
 from .device import autocast_dtype, resolve_device
 from .errors import CheckpointError, ConfigError, MinigptError
 from .evaluate import evaluate_loss
+from .hf import load_into, load_tokenizer
 from .model import GPT
 from .optim import clip_grad_norm, lr_at, make_optimizer, set_lr
 from .plot import plot_losses
@@ -161,7 +162,10 @@ class _Run:
                         f"{cfg.max_iters}): the learning rate never reaches --lr {cfg.lr}")
         self.data = self._prepare_data(resume_config)
         self.tokenizer = self.data.tokenizer
-        self.model_config = replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
+        vocab_size = self.tokenizer.vocab_size
+        if cfg.init_from:  # the pretrained embedding's rows, which may be more than the tokenizer's ids
+            vocab_size = resume_config["model"]["vocab_size"] if resume_config else cfg.model.vocab_size
+        self.model_config = replace(cfg.model, vocab_size=vocab_size)
         if resume_config is not None:
             _check_same_tokenizer(resume_config, self.model_config, self.tokenizer.checksum, self.out)
         self._check_data_size()
@@ -170,6 +174,8 @@ class _Run:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = GPT(self.model_config).to(self.device)
+        if cfg.init_from and resume_config is None:
+            load_into(self.model, cfg.init_from)
         torch.manual_seed(cfg.seed + self.world.rank)  # but a different dropout stream on each
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                         self.device.type, cfg.optimizer, cfg.muon_lr)
@@ -210,6 +216,8 @@ class _Run:
         tokenizer = cfg.tokenizer
         if resume_config is not None and tokenizer is None:
             tokenizer = str(checkpoint_dir(self.out) / TOKENIZER_FILE)  # the one the model was trained with
+        elif cfg.init_from and tokenizer is None:
+            tokenizer = load_tokenizer(cfg.init_from, cfg.model.vocab_size)  # the pretrained model's
         return prepare_data(cfg.data, cfg.data_dir or str(self.out / "data"), dataset=cfg.dataset,
                             dataset_config=cfg.dataset_config, text_field=cfg.text_field, errors=cfg.errors,
                             tokenizer=tokenizer, vocab_size=cfg.vocab_size, pattern=cfg.pattern,
@@ -265,7 +273,8 @@ class _Run:
         self._print(
             f"model: {self.model.num_parameters() / 1e6:.2f}M parameters "
             f"({self.model.num_parameters(non_embedding=True) / 1e6:.2f}M non-embedding), "
-            f"{c.n_layer} layers × {c.n_head} heads × {c.n_embd} wide, context {c.block_size}, {c.positions} positions\n"
+            f"{c.n_layer} layers × {c.n_head} heads × {c.n_embd} wide, context {c.block_size}, "
+            f"{c.positions} positions{f', from {cfg.init_from}' if cfg.init_from else ''}\n"
             f"compute: {flops / 1e6:.1f} MFLOPs per token (forward + backward), "
             f"{flops * tokens_per_step / 1e9:.1f} GFLOPs per step of {tokens_per_step} tokens\n"
             f"data: {len(self.data.train_tokens):,} train / {len(self.data.val_tokens):,} val tokens, "

@@ -240,7 +240,7 @@ def _info(args: argparse.Namespace) -> None:
     print(f"special_tokens {tok.special_tokens}")
     print(f"pattern        {tok.pattern}")
     print(f"checksum       {tok.checksum}")
-    longest = sorted(tok.mergeable_ranks.items(), key=lambda kv: (-len(kv[0]), kv[1]))[:args.top]
+    longest = sorted(tok.token_ids.items(), key=lambda kv: (-len(kv[0]), kv[1]))[:args.top]
     print(f"longest tokens ({len(longest)}):")
     for raw, i in longest:
         print(f"  {i:>7}  {len(raw):>3} bytes  [{_visible(raw)}]")

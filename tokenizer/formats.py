@@ -1,4 +1,5 @@
-"""Tokenizer files: our versioned JSON, tiktoken rank files, and Hugging Face ``tokenizer.json`` export.
+"""Tokenizer files: our versioned JSON, tiktoken rank files, and Hugging Face files (``tokenizer.json`` in and
+out; GPT-2's ``vocab.json`` + ``merges.txt`` in).
 
 Our JSON (``"format": "minigpt-bpe"``, ``"version": 1``)::
 
@@ -7,6 +8,7 @@ Our JSON (``"format": "minigpt-bpe"``, ``"version": 1``)::
      "tie_break": "<how training broke ties>",
      "tokens": ["<base64 of the bytes of id 0>", "<... id 1>", ...],   # mergeable tokens; the id is the rank
      "special_tokens": {"<|endoftext|>": 4095},
+     "ids": [<id of each token above>],    # only when ids are not the ranks (an imported vocabulary)
      "checksum": "<sha256 hex, see Tokenizer.checksum>"}
 
 Every file is written to a temporary file in the same folder and renamed over the target, so a crash or an error
@@ -94,6 +96,9 @@ def save_json(tok: "Tokenizer", path: PathLike) -> None:
         "special_tokens": tok.special_tokens,
         "checksum": tok.checksum,
     }
+    if tok.ids_differ:
+        ids = tok.token_ids
+        doc["ids"] = [ids[b] for b in tokens]
     atomic_write(path, json.dumps(doc, ensure_ascii=False, indent=0) + "\n")
 
 
@@ -117,6 +122,9 @@ def load_json(path: PathLike) -> "Tokenizer":
                              f"version {VERSION}; upgrade minigpt or {hint}")
     try:
         ranks = {base64.b64decode(t, validate=True): i for i, t in enumerate(doc["tokens"])}
+        ids = dict(zip(ranks, map(int, doc["ids"]))) if "ids" in doc else None
+        if ids is not None and len(doc["ids"]) != len(doc["tokens"]):
+            raise ValueError("ids and tokens differ in length")
         specials = {str(k): int(v) for k, v in doc["special_tokens"].items()}
         pattern = doc["pattern"]
         checksum = doc["checksum"]
@@ -126,7 +134,7 @@ def load_json(path: PathLike) -> "Tokenizer":
         raise TokenizerError(f"{path} is a corrupt tokenizer file ({type(e).__name__}: {e}); {hint}") from None
     if len(ranks) != len(doc["tokens"]):
         raise TokenizerError(f"{path} is a corrupt tokenizer file (duplicate tokens); {hint}")
-    tok = Tokenizer(ranks, pattern, specials)
+    tok = Tokenizer(ranks, pattern, specials, ids)
     if tok.checksum != checksum:
         raise TokenizerError(f"{path} is corrupt: its checksum does not match its contents; {hint}")
     return tok
@@ -152,7 +160,11 @@ def read_tiktoken(path: PathLike) -> dict[bytes, int]:
     return ranks
 
 
-def write_tiktoken(ranks: dict[bytes, int], path: PathLike) -> None:
+def write_tiktoken(tok: "Tokenizer", path: PathLike) -> None:
+    if tok.ids_differ:
+        raise TokenizerError("this tokenizer numbers its tokens in another order than it merges them, which a "
+                             "tiktoken rank file cannot express; save it with save() or save_huggingface()")
+    ranks = tok.mergeable_ranks
     lines = [f"{base64.b64encode(b).decode('ascii')} {i}\n" for b, i in sorted(ranks.items(), key=lambda kv: kv[1])]
     atomic_write(path, "".join(lines))
 
@@ -218,7 +230,7 @@ def save_huggingface(tok: "Tokenizer", path: PathLike) -> None:
     then ``ByteLevel`` without its own regex, which only maps bytes to GPT-2's printable characters. The BPE
     model has ``ignore_merges`` on: a piece that is a whole token becomes that token, as in our encoder.
     """
-    ranks = tok.mergeable_ranks
+    ranks, ids = tok.mergeable_ranks, tok.token_ids
     b2u = bytes_to_unicode()
 
     def show(b: bytes) -> str:
@@ -244,8 +256,147 @@ def save_huggingface(tok: "Tokenizer", path: PathLike) -> None:
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-            "vocab": {show(b): i for b, i in sorted(ranks.items(), key=lambda kv: kv[1])},
+            "vocab": {show(b): i for b, i in sorted(ids.items(), key=lambda kv: kv[1])},
             "merges": [f"{show(a)} {show(b)}" for a, b in derive_merges(ranks)],
         },
     }
     atomic_write(path, json.dumps(doc, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------- Hugging Face / GPT-2 files in
+
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_VOCAB_FILE = "vocab.json"
+HF_MERGES_FILE = "merges.txt"
+
+
+def read_huggingface(path: PathLike) -> tuple[dict[bytes, int], dict[bytes, int], str, dict[str, int]]:
+    """Read a byte-level BPE tokenizer in Hugging Face form: a folder (its ``tokenizer.json``, else its
+    ``vocab.json`` + ``merges.txt``), a ``tokenizer.json`` file, or a ``vocab.json`` with ``merges.txt`` beside it.
+
+    Returns (ranks, ids, pattern, special_tokens): ``ranks`` orders the tokens by the merge that makes them (the
+    merge list's order, which is what BPE follows), ``ids`` numbers them as the file does. Tokens are stored
+    there in GPT-2's printable stand-in characters (:func:`bytes_to_unicode`), not as bytes.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / HF_TOKENIZER_FILE).is_file():
+            path = path / HF_TOKENIZER_FILE
+        elif (path / HF_VOCAB_FILE).is_file():
+            path = path / HF_VOCAB_FILE
+        else:
+            raise TokenizerError(f"{path} has no {HF_TOKENIZER_FILE} and no {HF_VOCAB_FILE} + {HF_MERGES_FILE}; "
+                                 f"give the folder of a Hugging Face byte-level BPE tokenizer")
+    if path.name == HF_VOCAB_FILE:
+        return _read_vocab_merges(path, path.with_name(HF_MERGES_FILE))
+    return _read_tokenizer_json(path)
+
+
+def _read_json_file(path: Path, what: str) -> object:
+    try:
+        return json.loads(_read_bytes(path, what))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path} is not valid JSON ({e}); is it a Hugging Face {what} file?") from None
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[bytes, int], str, dict[str, int]]:
+    doc = _read_json_file(path, "tokenizer.json")
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise TokenizerError(f"{path} is not a BPE tokenizer.json (model type "
+                             f"{model.get('type') if isinstance(model, dict) else None!r}); only byte-level BPE "
+                             f"(GPT-2 family) tokenizers can be read")
+    unsupported = [name for name in ("continuing_subword_prefix", "end_of_word_suffix", "dropout")
+                   if model.get(name)] + (["byte_fallback"] if model.get("byte_fallback") else [])
+    if doc.get("normalizer") is not None:
+        unsupported.append("normalizer")
+    if unsupported:
+        raise TokenizerError(f"{path} uses {', '.join(unsupported)}, which byte-level BPE as GPT-2 does it has "
+                             f"not; only GPT-2-style tokenizers can be read")
+    pattern = _pattern_of(doc.get("pre_tokenizer"), path)
+    specials = {}
+    for added in doc.get("added_tokens") or []:
+        try:
+            specials[str(added["content"])] = int(added["id"])
+        except (KeyError, TypeError, ValueError):
+            raise TokenizerError(f"{path} has a malformed added_tokens entry {added!r}") from None
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges") or []]
+    return _byte_level_vocab(model["vocab"], merges, specials, pattern, path)
+
+
+def _pattern_of(pre: object, path: Path) -> str:
+    """Our split regex for the pre-tokenizers GPT-2-style files use: ByteLevel with its own regex (GPT-2's
+    pattern), or a Split regex followed by ByteLevel without one (what :func:`save_huggingface` writes)."""
+    from .patterns import GPT2_PATTERN, PATTERNS
+
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    steps = steps if isinstance(steps, list) else [steps]
+    kinds = [s.get("type") if isinstance(s, dict) else None for s in steps]
+    level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
+    if level is not None and not level.get("add_prefix_space", False):
+        if kinds == ["ByteLevel"] and level.get("use_regex", True):
+            return GPT2_PATTERN
+        split = steps[0]
+        if (kinds == ["Split", "ByteLevel"] and not level.get("use_regex", True) and split.get("behavior") == "Isolated"
+                and not split.get("invert") and isinstance(split.get("pattern"), dict) and "Regex" in split["pattern"]):
+            regex_text = split["pattern"]["Regex"]
+            # our own export rewrote a named pattern for Oniguruma: give it back its name's exact text
+            return next((p for p in PATTERNS.values() if oniguruma_pattern(p) == regex_text), regex_text)
+    raise TokenizerError(f"{path} has a pre-tokenizer this reader does not know ({kinds}); readable are ByteLevel "
+                         f"(GPT-2) and Split(regex) + ByteLevel(use_regex=false), without add_prefix_space")
+
+
+def _read_vocab_merges(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes, int], dict[bytes, int], str,
+                                                                     dict[str, int]]:
+    from .patterns import GPT2_PATTERN
+
+    vocab = _read_json_file(vocab_path, "vocab.json")
+    if not isinstance(vocab, dict):
+        raise TokenizerError(f"{vocab_path} does not map tokens to ids; is it GPT-2's vocab.json?")
+    try:
+        text = _read_bytes(merges_path, "merges.txt (beside vocab.json)").decode("utf-8")
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{merges_path} is not UTF-8 text; is it GPT-2's merges.txt?") from None
+    merges = [line.split(" ") for line in text.splitlines() if line and not line.startswith("#version")]
+    # These files do not say which entries are special: those that are neither a byte nor made by a merge are
+    # (GPT-2's <|endoftext|>), kept as the text they are written as.
+    made = {"".join(m) for m in merges if len(m) == 2}
+    b2u = set(bytes_to_unicode().values())
+    specials = {t: i for t, i in vocab.items() if t not in made and t not in b2u}
+    return _byte_level_vocab(vocab, merges, specials, GPT2_PATTERN, merges_path)
+
+
+def _byte_level_vocab(vocab: dict, merges: list, specials: dict[str, int], pattern: str,
+                      path: Path) -> tuple[dict[bytes, int], dict[bytes, int], str, dict[str, int]]:
+    """(ranks, ids, pattern, specials) from a stand-in-character vocabulary and its merge list."""
+    u2b = {c: b for b, c in bytes_to_unicode().items()}
+
+    def as_bytes(token: str) -> bytes:
+        try:
+            return bytes(u2b[c] for c in token)
+        except (KeyError, TypeError):
+            raise TokenizerError(f"{path}: token {token!r} is not written in byte-level form (GPT-2's stand-in "
+                                 f"characters); only byte-level BPE tokenizers can be read") from None
+
+    try:
+        ids = {as_bytes(t): int(i) for t, i in vocab.items() if t not in specials}
+    except (TypeError, ValueError):
+        raise TokenizerError(f"{path}: the vocabulary must map tokens to integer ids") from None
+    if len(ids) != len([t for t in vocab if t not in specials]):
+        raise TokenizerError(f"{path}: two vocabulary entries are the same bytes; the file is corrupt")
+    merge_rank: dict[bytes, int] = {}
+    for n, merge in enumerate(merges, 1):
+        if len(merge) != 2:
+            raise TokenizerError(f"{path}: merge {n} is {merge!r}, not two tokens; the file is corrupt")
+        a, b = as_bytes(merge[0]), as_bytes(merge[1])
+        if a not in ids or b not in ids or a + b not in ids:
+            raise TokenizerError(f"{path}: merge {n} ({merge[0]} {merge[1]}) uses or makes a token that is not in "
+                                 f"the vocabulary; the file is corrupt")
+        merge_rank.setdefault(a + b, n)
+    # BPE order: tokens by the merge that makes them, then those no merge makes (they match whole pieces only).
+    order = sorted((t for t in ids if len(t) > 1), key=lambda t: (merge_rank.get(t, len(merges) + 1), ids[t]))
+    if all(ids[x] < ids[y] for x, y in zip(order, order[1:])):  # the ids follow the merges (GPT-2's files)
+        sequence = sorted(ids, key=ids.__getitem__)  # then ranks are the ids, closed up if the specials come first
+    else:
+        sequence = sorted((t for t in ids if len(t) == 1), key=ids.__getitem__) + order
+    return {t: rank for rank, t in enumerate(sequence)}, ids, pattern, specials

@@ -2,8 +2,10 @@
 
 A tokenizer is three things: a pre-splitting ``pattern``, the ``ranks`` of its mergeable tokens (token bytes ->
 id; the id is also the merge priority, lower merges first) and ``special_tokens`` (text -> id, never produced by
-merging). Encoding a piece of text repeatedly joins the adjacent pair whose joined bytes have the lowest rank,
-exactly like tiktoken; results are cached per piece, so a corpus costs roughly one regex pass plus dict lookups.
+merging). A vocabulary made elsewhere may number its tokens in another order than it merges them (a Hugging Face
+file can); then ``ids`` (token bytes -> id) is given too, and merging still follows the ranks. Encoding a piece
+of text repeatedly joins the adjacent pair whose joined bytes have the lowest rank, exactly like tiktoken; results
+are cached per piece, so a corpus costs roughly one regex pass plus dict lookups.
 """
 
 from __future__ import annotations
@@ -40,15 +42,20 @@ class Tokenizer:
     """Byte-level BPE tokenizer. Build one with :meth:`train`, :meth:`load` or :meth:`from_tiktoken`."""
 
     def __init__(self, ranks: dict[bytes, int], pattern: str = GPT4_PATTERN,
-                 special_tokens: dict[str, int] | None = None) -> None:
+                 special_tokens: dict[str, int] | None = None, ids: dict[bytes, int] | None = None) -> None:
         special_tokens = dict(special_tokens or {})
-        _check_vocab(ranks, special_tokens)
+        if ids is not None and (ids.keys() != ranks.keys()):
+            raise TokenizerError("ids must give an id to exactly the tokens that have a rank")
+        self._ids = dict(ids) if ids is not None and ids != ranks else None  # None: every id is its rank
+        _check_vocab(ranks, special_tokens, self._ids)
         pattern = pattern_from_name(pattern)
         self.pattern = pattern
         self.special_tokens = special_tokens
         self._ranks = dict(ranks)
+        # What a rank-based merge returns (ranks) -> what encode returns (ids), only when the two differ.
+        self._rank_to_id = {r: self._ids[b] for b, r in self._ranks.items()} if self._ids is not None else None
         self._split = compile_pattern(fast_equivalent(pattern)).findall
-        self._decoder: dict[int, bytes] = {i: b for b, i in self._ranks.items()}
+        self._decoder: dict[int, bytes] = {i: b for b, i in self.token_ids.items()}
         self._decoder.update((i, s.encode("utf-8")) for s, i in special_tokens.items())
         self._vocab_size = max(self._decoder) + 1
         self._max_token_len = max(len(b) for b in self._ranks)
@@ -103,7 +110,15 @@ class Tokenizer:
 
     def save_tiktoken(self, path: Union[str, os.PathLike]) -> None:
         """Export the mergeable ranks as a tiktoken rank file (special tokens are not part of that format)."""
-        formats.write_tiktoken(self.mergeable_ranks, path)
+        formats.write_tiktoken(self, path)
+
+    @classmethod
+    def from_huggingface(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
+        """Import a Hugging Face byte-level BPE tokenizer (GPT-2's and its family's): a folder, its
+        ``tokenizer.json``, or its ``vocab.json`` (with ``merges.txt`` beside it). Gives the ids ``tokenizers``
+        gives; see :func:`tokenizer.formats.read_huggingface`."""
+        ranks, ids, pattern, special_tokens = formats.read_huggingface(path)
+        return cls(ranks, pattern, special_tokens, ids)
 
     def save_huggingface(self, path: Union[str, os.PathLike]) -> None:
         """Export a Hugging Face ``tokenizer.json`` that gives the same ids as this tokenizer."""
@@ -123,8 +138,19 @@ class Tokenizer:
 
     @property
     def mergeable_ranks(self) -> dict[bytes, int]:
-        """Token bytes -> id for every non-special token (a copy)."""
+        """Token bytes -> merge rank for every non-special token (a copy); the rank is also the id unless
+        :attr:`ids_differ`."""
         return dict(self._ranks)
+
+    @property
+    def token_ids(self) -> dict[bytes, int]:
+        """Token bytes -> id for every non-special token (a copy)."""
+        return dict(self._ids if self._ids is not None else self._ranks)
+
+    @property
+    def ids_differ(self) -> bool:
+        """True when token ids are not the merge ranks (a vocabulary imported with its own numbering)."""
+        return self._ids is not None
 
     @cached_property
     def checksum(self) -> str:
@@ -132,7 +158,9 @@ class Tokenizer:
         payload = json.dumps(
             {"pattern": self.pattern,
              "ranks": [[b.hex(), i] for b, i in sorted(self._ranks.items(), key=lambda kv: kv[1])],
-             "special_tokens": sorted(self.special_tokens.items())},
+             "special_tokens": sorted(self.special_tokens.items()),
+             # only when present, so that the checksum of every tokenizer whose ids are its ranks is unchanged
+             **({"ids": sorted((b.hex(), i) for b, i in self._ids.items())} if self._ids is not None else {})},
             separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(payload.encode("ascii")).hexdigest()
 
@@ -146,7 +174,7 @@ class Tokenizer:
         Used for exact bits-per-byte: a special token adds no text bytes.
         """
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        for b, i in self._ranks.items():
+        for b, i in self.token_ids.items():
             lengths[i] = len(b)
         return lengths
 
@@ -205,7 +233,7 @@ class Tokenizer:
         if num_proc == 1:
             return [self.encode(t, allowed) for t in texts]
         chunk = max(1, len(texts) // (num_proc * 8))
-        state = (self._ranks, self.pattern, self.special_tokens)
+        state = (self._ranks, self.pattern, self.special_tokens, self._ids)
         with multiprocessing.get_context().Pool(num_proc, _init_worker, (state,)) as pool:
             return pool.starmap(_encode_in_worker, ((t, allowed) for t in texts), chunksize=chunk)
 
@@ -234,7 +262,7 @@ class Tokenizer:
     def _reset_cache(self) -> None:
         """Start the piece cache with every token that is valid UTF-8: most pieces are one whole token."""
         self._cache = _PieceCache(self._encode_piece)
-        for b, i in self._ranks.items():
+        for b, i in self.token_ids.items():
             try:
                 self._cache[b.decode("utf-8")] = (i,)
             except UnicodeDecodeError:
@@ -245,10 +273,12 @@ class Tokenizer:
         piece = text.encode("utf-8")
         rank = self._ranks.get(piece)
         if rank is not None:  # a whole piece that is a token is that token (as in tiktoken)
-            return (rank,)
-        if len(piece) > LONG_PIECE:
-            return tuple(_merge_long(piece, self._ranks, self._max_token_len))
-        return tuple(_merge_short(piece, self._ranks))
+            ranks = [rank]
+        elif len(piece) > LONG_PIECE:
+            ranks = _merge_long(piece, self._ranks, self._max_token_len)
+        else:
+            ranks = _merge_short(piece, self._ranks)
+        return tuple(ranks if self._rank_to_id is None else map(self._rank_to_id.__getitem__, ranks))
 
     # ---------------------------------------------------------------- decoding
 
@@ -373,16 +403,18 @@ def _merge_long(piece: bytes, ranks: dict[bytes, int], max_len: int) -> list[int
     return out
 
 
-def _check_vocab(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> None:
-    """A byte-level vocabulary has every single byte, and no id is used twice."""
+def _check_vocab(ranks: dict[bytes, int], special_tokens: dict[str, int], ids: dict[bytes, int] | None) -> None:
+    """A byte-level vocabulary has every single byte, and no id (or rank) is used twice."""
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise TokenizerError(f"not a byte-level vocabulary: {len(missing)} single-byte token(s) missing "
                              f"(first: byte {missing[0]}); every byte 0..255 needs an id")
     if not all(isinstance(s, str) and s for s in special_tokens):
         raise TokenizerError(f"special tokens must be non-empty strings, got {sorted(special_tokens)!r}")
-    ids = list(ranks.values()) + list(special_tokens.values())
-    if len(set(ids)) != len(ids) or min(ids) < 0:
+    if ids is not None and len(set(ranks.values())) != len(ranks):
+        raise TokenizerError("merge ranks must be distinct")
+    numbers = list((ids or ranks).values()) + list(special_tokens.values())
+    if len(set(numbers)) != len(numbers) or min(numbers) < 0:
         raise TokenizerError("token ids must be distinct non-negative integers (mergeable and special tokens)")
 
 

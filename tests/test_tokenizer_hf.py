@@ -1,0 +1,109 @@
+"""Hugging Face tokenizers in: tokenizer.json and GPT-2's vocab.json + merges.txt give the ids `tokenizers` gives."""
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+VARIED = [
+    "The quick brown fox jumps over the lazy dog. It's 5 o'clock; we'll see—won't we?",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "emoji 😀👍🏽🎉 and 你好世界, Héllo wörld, ÀÉÎ \u00a0non-breaking",
+    "   leading spaces\n\n\n\t\ttabs  \r\n\r\n   trailing whitespace runs      ",
+    "x" * 300 + " " + "ab" * 200 + "\n" * 7 + "12345678901234567890",
+    "<|endoftext|> is plain text here",
+]
+
+
+def corpus() -> list[str]:
+    return [p.read_text(encoding="utf-8", errors="replace")[:20_000] for p in sorted(STDLIB.glob("[a-c]*.py"))]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    """A byte-level BPE trained by `tokenizers` the way GPT-2's was set up, saved in both file forms."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(corpus(), trainer)
+    folder = tmp_path_factory.mktemp("hf_tok")
+    hf.save(str(folder / "tokenizer.json"))
+    hf.model.save(str(folder))  # vocab.json + merges.txt
+    return folder
+
+
+def texts() -> list[str]:
+    return VARIED + [corpus()[0][:5000]]
+
+
+@pytest.mark.parametrize("which", ["folder", "tokenizer.json", "vocab.json"])
+def test_ids_equal_tokenizers(hf_folder, which):
+    reference = HFTokenizer.from_file(str(hf_folder / "tokenizer.json"))
+    ours = Tokenizer.from_huggingface(hf_folder if which == "folder" else hf_folder / which)
+    assert ours.special_tokens == {"<|endoftext|>": reference.token_to_id("<|endoftext|>")}
+    assert ours.pattern == GPT2_PATTERN
+    for text in texts():
+        ids = ours.encode(text, allowed_special="all")  # tokenizers always matches its added tokens
+        assert ids == reference.encode(text, add_special_tokens=False).ids
+        assert ours.decode(ids) == text
+
+
+def test_ids_not_in_merge_order_are_kept_apart_from_ranks(hf_folder, tmp_path):
+    """Renumber the merged tokens (reverse their ids): `tokenizers` still merges by the merge list, so do we."""
+    doc = json.loads((hf_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = doc["model"]["vocab"]
+    merged = sorted((t for t in vocab if len(t) > 1 and t != "<|endoftext|>"), key=vocab.get)
+    for token, new_id in zip(merged, sorted((vocab[t] for t in merged), reverse=True)):
+        vocab[token] = new_id
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    reference = HFTokenizer.from_file(str(path))
+    ours = Tokenizer.from_huggingface(path)
+    assert ours.ids_differ
+    for text in texts():
+        ids = ours.encode(text, allowed_special="all")  # tokenizers always matches its added tokens
+        assert ids == reference.encode(text, add_special_tokens=False).ids
+        assert ours.decode(ids) == text
+    # our own JSON keeps the numbering (a checkpoint stores the tokenizer this way) ...
+    ours.save(tmp_path / "ours.json")
+    loaded = Tokenizer.load(tmp_path / "ours.json")
+    assert loaded == ours and loaded.encode_ordinary(texts()[1]) == ours.encode_ordinary(texts()[1])
+    # ... and exporting it again gives a tokenizer.json with the same ids
+    ours.save_huggingface(tmp_path / "again.json")
+    again = HFTokenizer.from_file(str(tmp_path / "again.json"))
+    assert again.encode(texts()[0], add_special_tokens=False).ids == ours.encode_ordinary(texts()[0])
+    with pytest.raises(TokenizerError, match="tiktoken rank file cannot express"):
+        ours.save_tiktoken(tmp_path / "ranks.tiktoken")
+
+
+def test_our_export_reads_back_as_the_same_tokenizer(tmp_path):
+    """save_huggingface -> from_huggingface is the identity (pattern, ranks, ids, specials: the checksum)."""
+    tok = Tokenizer.train("\n".join(corpus())[:100_000], vocab_size=500, progress=False, num_proc=1)
+    tok.save_huggingface(tmp_path / "tokenizer.json")
+    assert Tokenizer.from_huggingface(tmp_path / "tokenizer.json") == tok
+
+
+def test_bad_files_are_one_line_errors(hf_folder, tmp_path):
+    doc = json.loads((hf_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    wordpiece = {**doc, "model": {"type": "WordPiece", "vocab": {}}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(wordpiece), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="only byte-level BPE"):
+        Tokenizer.from_huggingface(tmp_path)
+    prefix = {**doc, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(prefix), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="add_prefix_space"):
+        Tokenizer.from_huggingface(tmp_path / "tokenizer.json")
+    (tmp_path / "vocab.json").write_text((hf_folder / "vocab.json").read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="merges.txt"):
+        Tokenizer.from_huggingface(tmp_path / "vocab.json")  # no merges.txt beside it
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="no tokenizer.json and no vocab.json"):
+        Tokenizer.from_huggingface(tmp_path / "empty")
