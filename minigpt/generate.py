@@ -29,6 +29,7 @@ def generate_tokens(
     use_cache: bool = True,
     generator: torch.Generator | int | None = None,
     stop_id: int | None = None,
+    vocab_limit: int | None = None,
 ) -> Iterator[Tensor]:
     """Yield max_new_tokens LongTensors of shape (B,): the next token of every row of `idx` (B, T).
 
@@ -41,6 +42,8 @@ def generate_tokens(
     - use_cache: keep each layer's keys and values so that a step costs one position of work. Learned-position
       models slide a block_size window once the text outgrows it; then every cached key moves to a new position,
       so the cache is re-primed on the window. Sinusoidal and ALiBi models just keep extending the cache.
+    - vocab_limit: ids at or above it are never chosen: the unused rows of an embedding padded beyond the
+      tokenizer's ids (common in pretrained models, e.g. 50304 rows for GPT-2's 50257 ids), which no text decodes.
 
     The model is used as it is: call model.eval() first if it has dropout. Arguments are checked at the call,
     before the first token is asked for.
@@ -49,12 +52,15 @@ def generate_tokens(
     check_token_ids(idx, model.config.vocab_size)
     if isinstance(generator, int):
         generator = torch.Generator(device=idx.device).manual_seed(generator)
-    return _sample_loop(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_id)
+    if vocab_limit is not None and (not _is_int(vocab_limit) or not 1 <= vocab_limit <= model.config.vocab_size):
+        raise ConfigError(f"vocab_limit must be in [1, {model.config.vocab_size}] (or None), got {vocab_limit!r}")
+    return _sample_loop(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_id,
+                        vocab_limit)
 
 
 def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, use_cache: bool, generator: torch.Generator | None,
-                 stop_id: int | None) -> Iterator[Tensor]:
+                 stop_id: int | None, vocab_limit: int | None) -> Iterator[Tensor]:
     cfg = model.config
     if max_new_tokens == 0:
         return
@@ -70,7 +76,7 @@ def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: floa
         if use_cache:
             capacity = prompt_len + max_new_tokens - 1  # the last chosen token is never fed back
             cache = model.new_cache(batch, capacity if window is None else min(capacity, window))
-        logits = _last_logits(model, tokens[:, :length], window, cache, prime=True)
+        logits = _last_logits(model, tokens[:, :length], window, cache, prime=True)[:, :vocab_limit]
 
     for step in range(max_new_tokens):
         next_ids = choose_next(logits, temperature, top_k, top_p, generator)
@@ -83,7 +89,7 @@ def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: floa
         tokens[:, length] = next_ids
         length += 1
         with torch.inference_mode():
-            logits = _last_logits(model, tokens[:, :length], window, cache, prime=False)
+            logits = _last_logits(model, tokens[:, :length], window, cache, prime=False)[:, :vocab_limit]
 
 
 def _last_logits(model: GPT, tokens: Tensor, window: int | None, cache: KVCache | None, prime: bool) -> Tensor:

@@ -87,7 +87,7 @@ class SampleStream:
         from .generate import generate_tokens
 
         self._next_ids = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, use_cache,
-                                         generator, stop_id=tokenizer.eot_id)
+                                         generator, stop_id=tokenizer.eot_id, vocab_limit=tokenizer.vocab_size)
         self._eot_id = tokenizer.eot_id
         self._text = TextStream(tokenizer, stop)
         self.tokens = 0

@@ -177,3 +177,22 @@ def test_cache_takes_the_dtype_of_the_keys_under_autocast():
 def test_a_tiny_temperature_is_greedy_not_a_crash():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.4]])
     assert choose_next(logits, temperature=1e-45, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
+
+
+def test_vocab_limit_never_chooses_the_rows_of_a_padded_embedding():
+    """A pretrained model may have more embedding rows than its tokenizer has ids; the spare rows never decode."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_weights=False)).eval()
+    idx = prompt(batch=1)
+    with torch.no_grad():  # make padding id 38 by far the most likely next token
+        h = model.hidden_states(idx)[0, -1]
+        model.head.weight[38] = 50 * h / h.norm()
+        logits = model(idx)[0][0, -1]
+    assert int(logits.argmax()) == 38
+    greedy = next(generate_tokens(model, idx, 1, temperature=0, vocab_limit=37))
+    assert int(greedy) == int(logits[:37].argmax())
+    drawn = torch.stack(list(generate_tokens(model, idx.repeat(64, 1), 8, temperature=1.0, generator=1,
+                                             vocab_limit=37)))
+    assert int(drawn.max()) < 37
+    with pytest.raises(ConfigError, match="vocab_limit"):
+        generate_tokens(model, idx, 1, vocab_limit=41)
