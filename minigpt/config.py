@@ -1,6 +1,7 @@
 """Settings as dataclasses: the one place where defaults live and values are checked."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_args, get_type_hints
 
@@ -63,7 +64,8 @@ def _default_model() -> GPTConfig:
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 @dataclass
@@ -95,20 +97,34 @@ class TrainConfig:
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_iters: int = field(default=100, metadata={"help": "steps of linear warmup from 0 to --lr"})
     lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the cosine reaches --min-lr; default --max-iters"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "after warmup: cosine|linear (decay to --min-lr), "
+                                                                 "constant (--lr throughout), wsd (constant, then "
+                                                                 "linear decay over the last --decay-fraction)"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying to --min-lr"})
     weight_decay: float = field(default=0.1, metadata={"help": "decoupled AdamW weight decay (matrices only)"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "train against (1-e)*one-hot + e/vocab; evaluation "
+                                                                  "always reports the plain loss"})
+    max_time: str | None = field(default=None, metadata={"help": "time budget such as 90s, 10m or 1.5h: the run times "
+                                                                 "its first steps, then sets --max-iters to end within "
+                                                                 "it with the whole warmup + decay schedule"})
     # evaluation, logging, checkpoints
     eval_interval: int = field(default=250, metadata={"help": "evaluate and save a checkpoint every N steps"})
     eval_iters: int = field(default=20, metadata={"help": "batches per evaluation (train and val)"})
     log_interval: int = field(default=10, metadata={"help": "write a metrics line every N steps"})
+    patience: int | None = field(default=None, metadata={"help": "early stopping: stop after N evaluations without a "
+                                                                 "validation-loss improvement of --min-delta (default off)"})
+    min_delta: float = field(default=0.0, metadata={"help": "early stopping: the smallest drop in validation loss that "
+                                                            "counts as an improvement"})
     out_dir: str = field(default="out", metadata={"help": "output folder for checkpoints, metrics and plots"})
     resume: bool = field(default=False, metadata={"help": "continue the run saved in --out-dir"})
     overwrite: bool = field(default=False, metadata={"help": "start a new run even if --out-dir holds a checkpoint"})
     # hardware
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda|cuda:N|mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 autocast on CUDA, float32 elsewhere)|float32|bfloat16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (on CUDA bfloat16 autocast, or float16 with loss scaling "
+                                                         "on GPUs without bfloat16; float32 elsewhere)|float32|bfloat16|float16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     seed: int = field(default=1337, metadata={"help": "seed for initialisation, dropout and batch sampling"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -119,7 +135,7 @@ class TrainConfig:
         _check_types(self)
         for name in ("vocab_size", "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
             _check_positive(name, getattr(self, name))
-        for name in ("max_bytes", "lr_decay_iters"):
+        for name in ("max_bytes", "lr_decay_iters", "patience"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         if self.errors not in ("strict", "replace", "ignore"):
@@ -134,7 +150,18 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        for name in ("weight_decay", "grad_clip"):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_time is not None:
+            parse_duration(self.max_time)
+            if self.lr_decay_iters is not None:
+                raise ConfigError("give max_time or lr_decay_iters, not both: the time budget sets where the "
+                                  "schedule ends")
+        for name in ("weight_decay", "grad_clip", "min_delta"):
             if getattr(self, name) < 0.0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
@@ -149,12 +176,30 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other; give one")
 
+    @property
+    def max_time_s(self) -> float | None:
+        """The time budget in seconds (None: no budget)."""
+        return None if self.max_time is None else parse_duration(self.max_time)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         return from_dict_strict(cls, values)
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "10m" or "1.5h"; anything else is a ConfigError that shows the accepted forms."""
+    match = _DURATION.fullmatch(text)
+    seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2].lower()] if match else 0.0
+    if not seconds > 0:
+        raise ConfigError(f"max_time must be a positive duration such as 90s, 10m or 1.5h (s, m or h; a bare "
+                          f"number is seconds); got {text!r}")
+    return seconds
 
 
 def _check_types(obj: Any) -> None:

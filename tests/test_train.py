@@ -90,8 +90,8 @@ def test_resume_can_extend_a_finished_run(tmp_path, corpus):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
     real_forward, calls = GPT.forward, {"n": 0}
 
-    def forward(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
+    def forward(self, idx, targets=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, **kwargs)
         if targets is not None and self.training:
             calls["n"] += 1
             if calls["n"] >= 8:
