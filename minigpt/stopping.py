@@ -48,6 +48,9 @@ class EarlyStopping:
 class TimeBudget:
     """--max-time: time the first training steps and one evaluation + save, then fix the step count that fits.
 
+    The budget is for training, evaluations and saves: the clock starts with the loop (`start`), after the data
+    is prepared (a first run spends a while training the tokenizer; later runs reuse the prepared tokens).
+
     The step count is fixed once rather than the run being cut off when the time is up, so that the learning-rate
     schedule runs its whole course (warmup, decay to min_lr) over the steps there is time for: the budget ends
     with an annealed model, not one caught at a high learning rate.
@@ -55,10 +58,13 @@ class TimeBudget:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.started = time.perf_counter()
+        self.started = time.perf_counter()  # start() sets it again when the training loop begins
         self.step_times: list[float] = []
         self.steps_seen = 0
         self.planned = False  # True once the step count is fixed (here, or by the run a checkpoint came from)
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
 
     def add_step(self, seconds: float) -> None:
         self.steps_seen += 1

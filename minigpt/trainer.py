@@ -260,6 +260,8 @@ class _Run:
         bar = tqdm(total=cfg.max_iters, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.world.main))
         first_step = self.step
+        if self.budget is not None:
+            self.budget.start()
         if self.step == 0:
             self._evaluate()
         restore_signals = self._catch_stop_signals()
@@ -349,11 +351,14 @@ class _Run:
 
     def _summary(self, first_step: int) -> str:
         """How long the run took (and, with --max-time, against its budget)."""
-        took = time.perf_counter() - self.started
+        took = format_duration(time.perf_counter() - self.started)
         if first_step > 0:
-            return f"done: step {self.step}, {format_duration(took)} since resuming at step {first_step}"
-        budget = f" ({took / self.budget.seconds:.1%} of the {self.cfg.max_time} budget)" if self.budget else ""
-        return f"done: {self.step} steps in {format_duration(took)}{budget}"
+            return f"done: step {self.step}, {took} since resuming at step {first_step}"
+        if self.budget is None:
+            return f"done: {self.step} steps in {took}"
+        used = self.budget.elapsed()
+        return (f"done: {self.step} steps in {took}, of which training, evaluations and saves "
+                f"{format_duration(used)}: {used / self.budget.seconds:.1%} of the {self.cfg.max_time} budget")
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
