@@ -1,30 +1,22 @@
 """The training loop in-process: it learns, resumes bit-exactly, stops cleanly, and refuses to clobber."""
-import json
-import os
 import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.loader import BatchLoader
 from minigpt import GPT
 from minigpt.checkpoint import load_model, read_config
 from minigpt.errors import CheckpointError, ConfigError
 from minigpt.trainer import TrainingError, train
 
-from helpers import tiny_config, write_corpus
+from helpers import interrupt_at, records, tiny_config, untimed, write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     return write_corpus(folder / "corpus.txt"), folder / "cache"
-
-
-def records(out, kind):
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def test_short_run_lowers_validation_loss(tmp_path, corpus):
@@ -44,27 +36,11 @@ def test_short_run_lowers_validation_loss(tmp_path, corpus):
     assert best_config["step"] == min(evals[1:], key=lambda e: e["val_loss"])["step"]  # step 0 is not saved
 
 
-def untimed(rs):
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
-
-
-def _interrupt_at(monkeypatch, batches):
-    """Deliver a real SIGINT while the loader hands out batch number `batches` (as Ctrl-C would)."""
-    real = BatchLoader.next_batch
-
-    def next_batch(self):
-        if self.batches == batches:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self)
-
-    monkeypatch.setattr(BatchLoader, "next_batch", next_batch)
-
-
 def test_ctrl_c_saves_and_resume_is_bit_exact(tmp_path, corpus, monkeypatch):
     shape = {"dropout": 0.1}  # dropout draws from torch's RNG, so its state must be restored too
     straight = train(tiny_config(*corpus, tmp_path / "a", shape, max_iters=20))
 
-    _interrupt_at(monkeypatch, 6)
+    interrupt_at(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(*corpus, tmp_path / "b", shape, max_iters=20))
     monkeypatch.undo()
