@@ -114,10 +114,10 @@ class TrainConfig:
     eval_interval: int = field(default=250, metadata={"help": "evaluate and save a checkpoint every N steps"})
     eval_iters: int = field(default=20, metadata={"help": "batches per evaluation (train and val)"})
     log_interval: int = field(default=10, metadata={"help": "write a metrics line every N steps"})
-    patience: int | None = field(default=None, metadata={"help": "early stopping: stop after N evaluations without a "
-                                                                 "validation-loss improvement of --min-delta (default off)"})
-    min_delta: float = field(default=0.0, metadata={"help": "early stopping: the smallest drop in validation loss that "
-                                                            "counts as an improvement"})
+    patience: int | None = field(default=None, metadata={"help": "early stopping: stop after N evaluations in a row "
+                                                                 "without a better validation loss (None = off)"})
+    min_delta: float = field(default=0.0, metadata={"help": "early stopping: the validation loss must drop by more "
+                                                            "than this to count as better"})
     out_dir: str = field(default="out", metadata={"help": "output folder for checkpoints, metrics and plots"})
     resume: bool = field(default=False, metadata={"help": "continue the run saved in --out-dir"})
     overwrite: bool = field(default=False, metadata={"help": "start a new run even if --out-dir holds a checkpoint"})
