@@ -92,11 +92,11 @@ class TrainConfig:
     # optimisation
     batch_size: int = field(default=12, metadata={"help": "sequences per micro-batch (per process)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
-    max_iters: int = field(default=1500, metadata={"help": "optimizer steps to train for (in total, across resumes)"})
+    max_iters: int = field(default=1500, metadata={"help": "optimizer steps to train for (in total, across resumes); --max-time sets it"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_iters: int = field(default=100, metadata={"help": "steps of linear warmup from 0 to --lr"})
-    lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the cosine reaches --min-lr; default --max-iters"})
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the decay reaches --min-lr; default --max-iters"})
     lr_schedule: str = field(default="cosine", metadata={"help": "after warmup: cosine|linear (decay to --min-lr), "
                                                                  "constant (--lr throughout), wsd (constant, then "
                                                                  "linear decay over the last --decay-fraction)"})
