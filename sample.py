@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (for comparison)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="auto",
-                   help="auto (on CUDA bfloat16, or float16 on GPUs without it; float32 elsewhere)|float32|bfloat16|float16")
+                   help="auto (on CUDA bfloat16, or float16 on GPUs without it; float32 elsewhere)|float32|"
+                        "bfloat16|float16")
     p.add_argument("--json", action="store_true", help="print one JSON object (prompt, samples, counts, settings)")
     p.add_argument("--eval", metavar="FILE", help="instead of sampling: loss, perplexity and bits per byte on FILE")
     p.add_argument("--block-size", type=int, default=None, help="--eval window length (default: the training one)")
