@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help=f"one of {', '.join(DEVICES)}, or {OPEN_CHOICES['device']}; auto: cuda, else mps, else cpu")
     p.add_argument("--dtype", default="auto",
-                   help=f"one of {', '.join(DTYPES)}; auto is bfloat16 on CUDA, float32 elsewhere")
+                   help=f"one of {', '.join(DTYPES)}; auto is bfloat16 on CUDA (float16 on GPUs without bfloat16), "
+                        "float32 elsewhere")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="CPU inference with int8 Linear weights (faster decoding, slightly higher loss)")
     p.add_argument("--json", action="store_true", help="print one JSON object (prompt, samples, counts, settings)")

@@ -4,8 +4,10 @@ A checkpoint folder holds
     model.safetensors        the weights (a tied output head is stored once and re-tied on load)
     config.json              {"format", "version", "model": GPTConfig, "train": TrainConfig, "step", ...}
     tokenizer.json           the tokenizer the model was trained with
-    train_state.safetensors  optimizer moments and RNG generator states (tensors)   } only in a resumable
-    train_state.json         step, optimizer hyper-parameters, RNG and loader state }   (latest) checkpoint
+    train_state.safetensors  optimizer moments and RNG generator states (tensors)     } only in a resumable
+    train_state.json         step, optimizer hyper-parameters, RNG and loader state,  }   (latest) checkpoint
+                             float16 loss scaler, early-stopping counter, the step    }
+                             count a time budget chose                                }
     manifest.json            size and SHA-256 of each file above; written last
 
 Why a manifest and a hard-linked backup. Each file is replaced atomically (os.replace), but a checkpoint is

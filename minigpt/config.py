@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_args, get_type_hints
 
@@ -95,13 +96,14 @@ def _default_model() -> GPTConfig:
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")
 ERROR_MODES = ("strict", "replace", "ignore")  # as data.sources reads undecodable bytes
 PATTERN_NAMES = ("gpt2", "gpt4")  # the tokenizer's named split patterns; a regex is accepted too
 # The allowed values of every choice-valued setting (GPTConfig's and TrainConfig's): checked in __post_init__
 # by _check_choice, listed by `train.py --help`.
 CHOICES = {"positions": POSITION_KINDS, "norm": NORMS, "mlp": MLPS, "activation": ACTIVATIONS,
-           "optimizer": OPTIMIZERS, "device": DEVICES, "dtype": DTYPES, "errors": ERROR_MODES, "pattern": PATTERN_NAMES}
+           "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "device": DEVICES, "dtype": DTYPES, "errors": ERROR_MODES, "pattern": PATTERN_NAMES}
 # What a choice setting accepts beyond its list (shown in --help and in the error).
 OPEN_CHOICES = {"device": "cuda:N", "pattern": "a regex"}
 
@@ -131,27 +133,40 @@ class TrainConfig:
     # optimisation
     batch_size: int = field(default=12, metadata={"help": "sequences per micro-batch (per process)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
-    max_iters: int = field(default=1500, metadata={"help": "optimizer steps to train for (in total, across resumes)"})
+    max_iters: int = field(default=1500, metadata={"help": "optimizer steps to train for (in total, across resumes); --max-time sets it"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr: float | None = field(default=None, metadata={"help": "learning rate at the end of the cosine decay; default --lr / 10"})
+    min_lr: float | None = field(default=None, metadata={"help": "learning rate at the end of the decay; default --lr / 10"})
     warmup_iters: int = field(default=100, metadata={"help": "steps of linear warmup from 0 to --lr"})
-    lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the cosine reaches --min-lr; default --max-iters"})
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the decay reaches --min-lr; default --max-iters"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "after warmup: cosine|linear (decay to --min-lr), "
+                                                                 "constant (--lr throughout), wsd (constant, then "
+                                                                 "linear decay over the last --decay-fraction)"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying to --min-lr"})
     weight_decay: float = field(default=0.1, metadata={"help": "decoupled AdamW weight decay (matrices only)"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
     optimizer: str = field(default="adamw", metadata={"help": "Muon for the blocks' matrices (AdamW at --lr for the rest), or AdamW for all"})
     muon_lr: float = field(default=0.02, metadata={"help": "peak learning rate of Muon's matrices (with --optimizer muon); follows --lr's schedule"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "train against (1-e)*one-hot + e/vocab; evaluation "
+                                                                  "always reports the plain loss"})
+    max_time: str | None = field(default=None, metadata={"help": "time budget such as 90s, 10m or 1.5h: the run times "
+                                                                 "its first steps, then sets --max-iters to end within "
+                                                                 "it with the whole warmup + decay schedule"})
     # evaluation, logging, checkpoints
     eval_interval: int = field(default=250, metadata={"help": "evaluate and save a checkpoint every N steps"})
     eval_iters: int = field(default=20, metadata={"help": "batches per evaluation (train and val)"})
     log_interval: int = field(default=10, metadata={"help": "write a metrics line every N steps"})
+    patience: int | None = field(default=None, metadata={"help": "early stopping: stop after N evaluations in a row "
+                                                                 "without a better validation loss (None = off)"})
+    min_delta: float = field(default=0.0, metadata={"help": "early stopping: the validation loss must drop by more "
+                                                            "than this to count as better"})
     out_dir: str = field(default="out", metadata={"help": "output folder for checkpoints, metrics and plots"})
     resume: bool = field(default=False, metadata={"help": "continue the run saved in --out-dir"})
     overwrite: bool = field(default=False, metadata={"help": "start a new run even if --out-dir holds a checkpoint"})
     # hardware
     device: str = field(default="auto", metadata={"help": "where to train; auto picks cuda, then mps, then cpu"})
-    dtype: str = field(default="auto", metadata={"help": "auto is bfloat16 autocast on CUDA, float32 elsewhere"})
+    dtype: str = field(default="auto", metadata={"help": "auto is bfloat16 autocast on CUDA (float16 with loss scaling on GPUs without bfloat16), float32 elsewhere"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     seed: int = field(default=1337, metadata={"help": "seed for initialisation, dropout and batch sampling"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -165,10 +180,10 @@ class TrainConfig:
         _check_types(self)
         for name in ("vocab_size", "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
             _check_positive(name, getattr(self, name))
-        for name in ("max_bytes", "lr_decay_iters"):
+        for name in ("max_bytes", "lr_decay_iters", "patience"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
-        for name in ("errors", "pattern", "device", "dtype"):
+        for name in ("errors", "pattern", "device", "dtype", "optimizer", "lr_schedule"):
             _check_choice(name, getattr(self, name))
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -176,13 +191,21 @@ class TrainConfig:
             raise ConfigError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
         if not self.lr > 0.0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        _check_choice("optimizer", self.optimizer)
         if not self.muon_lr > 0.0:
             raise ConfigError(f"muon_lr must be > 0, got {self.muon_lr}")
         if self.min_lr is not None and not 0.0 <= self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must be between 0 and --lr {self.lr}; give a --min-lr in "
                               f"that range, or none (it defaults to --lr / 10)")
-        for name in ("weight_decay", "grad_clip"):
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_time is not None:
+            parse_duration(self.max_time)
+            if self.lr_decay_iters is not None:
+                raise ConfigError("give max_time or lr_decay_iters, not both: the time budget sets where the "
+                                  "schedule ends")
+        for name in ("weight_decay", "grad_clip", "min_delta"):
             if getattr(self, name) < 0.0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
@@ -195,8 +218,13 @@ class TrainConfig:
 
     @property
     def final_lr(self) -> float:
-        """Where the cosine decay ends: --min-lr, or lr / 10 when not given, so that it follows a changed --lr."""
+        """Where the decay ends: --min-lr, or lr / 10 when not given, so that it follows a changed --lr."""
         return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def max_time_s(self) -> float | None:
+        """The time budget in seconds (None: no budget)."""
+        return None if self.max_time is None else parse_duration(self.max_time)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,6 +232,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         return from_dict_strict(cls, values)
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "10m" or "1.5h"; anything else is a ConfigError that shows the accepted forms."""
+    match = _DURATION.fullmatch(text)
+    seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2].lower()] if match else 0.0
+    if not seconds > 0:
+        raise ConfigError(f"max_time must be a positive duration such as 90s, 10m or 1.5h (s, m or h; a bare "
+                          f"number is seconds); got {text!r}")
+    return seconds
 
 
 def _check_types(obj: Any) -> None:

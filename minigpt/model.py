@@ -59,15 +59,21 @@ class GPT(nn.Module):
 
         return load_pretrained(name_or_path, block_size, dropout)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, vocab) for every position, and the mean cross-entropy against `targets` when given."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                label_smoothing: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) for every position, and the mean cross-entropy against `targets` when given.
+
+        With label_smoothing ε the target is (1 − ε)·one-hot + ε/vocab instead of the one-hot (Szegedy et al.,
+        2016): the loss no longer rewards pushing the right token's probability all the way to 1. It is a training
+        objective only; evaluate.py always scores the plain negative log-likelihood.
+        """
         check_token_ids(idx, self.config.vocab_size)
         logits = self.head(self.hidden_states(idx))
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:
             raise ConfigError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), label_smoothing=label_smoothing)
         return logits, loss
 
     def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
@@ -326,7 +332,14 @@ def _norm(config: GPTConfig) -> nn.Module:
 
 
 def _dropout(p: float) -> nn.Module:
-    """nn.Dropout, or a plain pass-through when p = 0 (no random mask to draw in training)."""
+    """nn.Dropout, or a plain pass-through when p = 0 (no random mask to draw in training).
+
+    torch's dropout is *inverted* dropout: in training it zeroes each activation with probability p and scales
+    the survivors by 1/(1 − p), so every activation keeps its expected value; at inference (model.eval()) it is
+    the identity. The alternative, plain dropout, leaves the survivors as they are and must instead multiply the
+    weights by (1 − p) at inference; inverted dropout keeps the trained network usable as it is. (Attention
+    dropout, inside scaled_dot_product_attention, works the same way.)
+    """
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 

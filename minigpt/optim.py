@@ -1,4 +1,5 @@
-"""AdamW (or Muon + AdamW) with weight-decay groups, the warmup + cosine learning-rate schedule, and clipping."""
+"""AdamW (or Muon + AdamW) with weight-decay groups, the learning-rate schedules (warmup, then cosine, linear,
+constant or warmup-stable-decay), and gradient clipping."""
 from __future__ import annotations
 
 import inspect
@@ -105,17 +106,31 @@ class MuonAdamW:
                                  "param_groups": mine})
 
 
-def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, cosine decay to min_lr, then flat.
+def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int, schedule: str = "cosine",
+          decay_fraction: float = 0.2) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then `schedule` until `decay_iters`.
 
-    Warmup starts at lr / warmup_iters rather than 0 so that the first step is not wasted.
+    Warmup starts at lr / warmup_iters rather than 0 so that the first step is not wasted. After it:
+      cosine    half a cosine from lr down to min_lr at decay_iters (GPT-3, nanoGPT), then flat;
+      linear    a straight line from lr down to min_lr at decay_iters, then flat;
+      constant  lr for ever (min_lr is not used);
+      wsd       warmup-stable-decay: lr until the last `decay_fraction` of decay_iters, then a straight line
+                to min_lr (nanochat's choice: a checkpoint from the stable phase can be trained on for longer
+                and decayed later, which a cosine run cannot, as its rate falls from the first step).
     """
     if step < warmup_iters:
         return lr * (step + 1) / warmup_iters
+    if schedule == "constant":
+        return lr
     if step >= decay_iters:
         return min_lr
-    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+    decay_start = warmup_iters
+    if schedule == "wsd":
+        decay_start = max(warmup_iters, decay_iters - round(decay_fraction * decay_iters))
+    progress = (step - decay_start) / max(1, decay_iters - decay_start)
+    if schedule == "cosine":
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+    return lr - max(0.0, progress) * (lr - min_lr)  # linear, and wsd (progress < 0 in its stable phase)
 
 
 def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:

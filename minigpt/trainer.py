@@ -41,6 +41,7 @@ from .hf import load_into, load_tokenizer
 from .model import GPT
 from .optim import clip_grad_norm, lr_at, make_optimizer, set_lr
 from .plot import plot_losses
+from .stopping import EarlyStopping, TimeBudget, format_duration
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -77,6 +78,9 @@ def train(cfg: TrainConfig) -> Path:
         raise ConfigError(f"under torchrun each process uses the GPU of its LOCAL_RANK; pass --device cuda (or auto), "
                           f"not --device {cfg.device}")
     device = resolve_device(cfg.device, world.local_rank)
+    if world.enabled and device.type == "mps":
+        raise ConfigError("torchrun with --device mps is not supported (one Apple GPU per machine); train with "
+                          "plain `python train.py --device mps`, or use cuda or cpu under torchrun")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # collectives and RNG calls that use "the current device" mean this rank's GPU
     if world.enabled:
@@ -110,6 +114,12 @@ class _Run:
         self.cfg, self.world, self.device = cfg, world, device
         self.out = Path(cfg.out_dir)
         self.amp_dtype = autocast_dtype(cfg.dtype, device)
+        # float16 has too few exponent bits for small gradients: scale the loss up before backward, unscale the
+        # gradients before clipping, and skip a step (halving the scale) when one overflowed. A no-op otherwise.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.skipped_steps = 0
+        self.early_stop = EarlyStopping(cfg.patience, cfg.min_delta)
+        self.budget = TimeBudget(cfg.max_time_s) if cfg.max_time is not None else None
         self.stop_requested = False
         self.started = time.perf_counter()
 
@@ -242,6 +252,13 @@ class _Run:
         state, tensors = load_train_state(self.out, self.model, self.optimizer)
         self.step, self.best_val = state["step"], state["best_val_loss"]
         self.started -= state.get("elapsed_s", 0.0)  # elapsed_s counts the whole run, not this process's part
+        self.skipped_steps = state.get("skipped_steps", 0)
+        if state.get("grad_scaler") and self.scaler.is_enabled():  # a float32/bfloat16 checkpoint has none
+            self.scaler.load_state_dict(state["grad_scaler"])
+        if "early_stopping" in state:
+            self.early_stop.load_state_dict(state["early_stopping"])
+        if self.budget is not None and state.get("planned_iters") is not None:
+            self.budget.planned = True  # the step count is in cfg.max_iters (train.py takes it from the checkpoint)
         prefix = f"rng.{rank}."
         same_layout = state["world_size"] == self.world.world_size and state["grad_accum"] == cfg.grad_accum
         if same_layout:
@@ -279,7 +296,7 @@ class _Run:
             f"{flops * tokens_per_step / 1e9:.1f} GFLOPs per step of {tokens_per_step} tokens\n"
             f"data: {len(self.data.train_tokens):,} train / {len(self.data.val_tokens):,} val tokens, "
             f"vocabulary {self.tokenizer.vocab_size}\n"
-            f"device: {self.device}, {'bfloat16 autocast' if self.amp_dtype else 'float32'}"
+            f"device: {self.device}, {_precision(self.amp_dtype)}"
             f"{', compiled' if cfg.compile else ''}, {self.world.world_size} process(es)")
 
     def _print(self, message: str) -> None:
@@ -288,34 +305,48 @@ class _Run:
 
     # --------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
-        cfg = self.cfg
+        cfg = self.cfg  # but read max_iters from self.cfg: a time budget fixes it after the first steps
         tokens_per_step = cfg.batch_size * self.model_config.block_size * cfg.grad_accum * self.world.world_size
+        if self.early_stop.should_stop:
+            self._print(f"the run in {self.out} stopped early at step {self.step} ({self.early_stop.bad_evals} "
+                        f"evaluations without improvement); resume with a larger --patience to train on")
+            return
         bar = tqdm(total=cfg.max_iters, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.world.main))
+        first_step = self.step
+        if self.budget is not None:
+            self.budget.start()
         if self.step == 0:
             self._evaluate()
         restore_signals = self._catch_stop_signals()
         step_time = None
         try:
-            while self.step < cfg.max_iters:
+            while self.step < self.cfg.max_iters or (self.budget is not None and not self.budget.planned):
                 started = time.perf_counter()
                 loss, grad_norm, stop = self._train_step()
                 self.step += 1
                 seconds = time.perf_counter() - started
                 step_time = seconds if step_time is None else 0.9 * step_time + 0.1 * seconds  # smoothed for display
+                if self.budget is not None:
+                    self.budget.add_step(seconds)
                 if self.world.main:
+                    scaling = {"skipped": self.skipped_steps} if self.scaler.is_enabled() else {}
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}",
-                                    tok_s=f"{tokens_per_step / step_time:,.0f}", refresh=False)
+                                    tok_s=f"{tokens_per_step / step_time:,.0f}", **scaling, refresh=False)
                     if self.step % cfg.log_interval == 0:
+                        if scaling:
+                            scaling = {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
                         self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._lr(),
-                                   "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds})
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                    val_loss = self._evaluate()
-                    best = math.isfinite(val_loss) and val_loss < self.best_val
-                    if best:
-                        self.best_val = val_loss
-                    self._save(best)
+                                   "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds, **scaling})
+                plan_now = self.budget is not None and self.budget.ready
+                if self.step % cfg.eval_interval == 0 or self.step == self.cfg.max_iters or plan_now:
+                    checked = time.perf_counter()
+                    self._evaluate_and_save()
+                    if plan_now:
+                        self._fix_step_count(time.perf_counter() - checked)
+                        bar.total = self.cfg.max_iters
+                        bar.refresh()
                 elif stop:
                     self._save()
                 if stop:
@@ -323,18 +354,75 @@ class _Run:
                     self._print(f"stopped at step {self.step}; checkpoint saved in {self.out}; continue with "
                                 f"`{resume_command(self.out)}`")
                     raise KeyboardInterrupt
+                if self.early_stop.should_stop:
+                    self._stop_early()
+                    break
         finally:
             restore_signals()
             bar.close()
+        self._print(self._summary(first_step))
+
+    def _evaluate_and_save(self) -> None:
+        """Evaluate, update best/ and the early-stopping counter, save. Collective under DDP."""
+        val_loss = self._from_main(self._evaluate())
+        best = math.isfinite(val_loss) and val_loss < self.best_val
+        if best:
+            self.best_val = val_loss
+        self.early_stop.update(val_loss, self.step)
+        self._save(best)
+
+    def _from_main(self, value: float) -> float:
+        """Rank 0's `value` on every rank, so that what is decided from it (stop now, how many steps) is the same
+        everywhere."""
+        if not self.world.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return tensor.item()
+
+    def _fix_step_count(self, eval_s: float) -> None:
+        """--max-time: the first steps, an evaluation and a save are timed; fix max_iters for the whole run."""
+        cfg, budget = self.cfg, self.budget
+        steps = int(self._from_main(budget.plan(self.step, cfg.eval_interval, eval_s)))
+        warmup = cfg.warmup_iters if cfg.warmup_iters < steps else steps // 10  # else the rate would never decay
+        self.cfg = replace(cfg, max_iters=steps, warmup_iters=warmup)  # saved with every checkpoint from now on
+        if self.world.main:
+            self._log({"kind": "plan", "step": self.step, "max_iters": steps, "warmup_iters": warmup,
+                       "budget_s": budget.seconds, "step_s": budget.step_s, "eval_save_s": eval_s})
+        shortened = f"; --warmup-iters {cfg.warmup_iters} shortened to {warmup}" if warmup != cfg.warmup_iters else ""
+        self._print(f"time budget {cfg.max_time}: {budget.step_s * 1e3:.1f} ms per step and {eval_s:.2f} s per "
+                    f"evaluation + save leave time for {steps} steps in all{shortened}")
+
+    def _stop_early(self) -> None:
+        stopper = self.early_stop
+        if self.world.main:
+            self._log({"kind": "stop", "step": self.step, "reason": "early_stopping", "patience": stopper.patience,
+                       "min_delta": stopper.min_delta, "best_val_loss": stopper.best, "best_step": stopper.best_step})
+        by = f" by more than {stopper.min_delta:g}" if stopper.min_delta else ""
+        self._print(f"early stopping at step {self.step}: the validation loss has not improved{by} on "
+                    f"{stopper.best:.4f} (step {stopper.best_step}) for {stopper.patience} evaluations; the model "
+                    f"with the lowest validation loss ({self.best_val:.4f}) is in {self.out / BEST_DIR}")
+
+    def _summary(self, first_step: int) -> str:
+        """How long the run took (and, with --max-time, against its budget)."""
+        took = format_duration(time.perf_counter() - self.started)
+        if first_step > 0:
+            return f"done: step {self.step}, {took} since resuming at step {first_step}"
+        if self.budget is None:
+            return f"done: {self.step} steps in {took}"
+        used = self.budget.elapsed()
+        return (f"done: {self.step} steps in {took}, of which training, evaluations and saves "
+                f"{format_duration(used)}: {used / self.budget.seconds:.1%} of the {self.cfg.max_time} budget")
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def _train_step(self) -> tuple[float, float, bool]:
-        """One optimizer step; returns (mean loss, pre-clip gradient norm, whether any rank was asked to stop)."""
+    def _train_step(self) -> tuple[float, float | None, bool]:
+        """One optimizer step; returns (mean loss, pre-clip gradient norm or None for a step skipped by the float16
+        loss scaler, whether any rank was asked to stop)."""
         cfg = self.cfg
         set_lr(self.optimizer, lr_at(self.step, cfg.lr, cfg.final_lr, cfg.warmup_iters,
-                                     cfg.lr_decay_iters or cfg.max_iters))
+                                     cfg.lr_decay_iters or cfg.max_iters, cfg.lr_schedule, cfg.decay_fraction))
         loss_sum = torch.zeros((), device=self.device)
         for m, loader in enumerate(self.loaders):
             x, y = (self._to_device(a) for a in loader.next_batch())
@@ -343,9 +431,10 @@ class _Run:
             sync = contextlib.nullcontext() if last or not self.world.enabled else self.step_model.no_sync()
             with sync:
                 with self._autocast():
-                    _, loss = self.step_model(x, y)
-                (loss / cfg.grad_accum).backward()
+                    _, loss = self.step_model(x, y, label_smoothing=cfg.label_smoothing)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
+        self.scaler.unscale_(self.optimizer)  # true gradients from here on: the clip and the logged norm see them
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip)
         # One small all-reduce per step: the mean loss for the log, and a stop request from any rank, so that
         # all ranks leave the loop after the same step.
@@ -355,14 +444,18 @@ class _Run:
             dist.all_reduce(packed)
             packed[:2] /= self.world.world_size
         loss_value, norm_value, stop = packed.tolist()
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        # Under float16 an infinite gradient is an overflow of the scaled loss, which the scaler handles.
+        if not math.isfinite(loss_value) or not (math.isfinite(norm_value) or self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingError(f"the loss became non-finite (loss {loss_value}, gradient norm {norm_value}) at step "
                                 f"{self.step + 1}; the last good checkpoint is in {self.out}. Try a lower --lr, "
                                 f"a --grad-clip, or --dtype float32")
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # optimizer.step(), unless float16 gradients overflowed
+        self.scaler.update()  # after an overflow halve the scale; after 2000 steps without one, double it
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value, stop > 0
+        skipped = not math.isfinite(norm_value)
+        self.skipped_steps += skipped
+        return loss_value, None if skipped else norm_value, stop > 0
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
@@ -427,6 +520,9 @@ class _Run:
                   "step": self.step, "tokenizer_checksum": self.tokenizer.checksum}
         state = {"step": self.step, "best_val_loss": self.best_val, "world_size": self.world.world_size,
                  "grad_accum": self.cfg.grad_accum, "data_seed": self.data_seed, "elapsed_s": self._elapsed(),
+                 "grad_scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps,
+                 "early_stopping": self.early_stop.state_dict(),
+                 "planned_iters": self.cfg.max_iters if self.budget is not None and self.budget.planned else None,
                  "loaders": [s for states, _, _ in gathered for s in states],
                  "rng": [j for _, j, _ in gathered]}
         tensors = {f"rng.{r}.{k}": v for r, (_, _, ts) in enumerate(gathered) for k, v in ts.items()}
@@ -444,6 +540,12 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _precision(amp_dtype: torch.dtype | None) -> str:
+    if amp_dtype is None:
+        return "float32"
+    return "float16 autocast with loss scaling" if amp_dtype == torch.float16 else "bfloat16 autocast"
 
 
 def loader_rank(rank: int, micro_step: int, grad_accum: int) -> int:

@@ -1,9 +1,13 @@
 """Shared by the tests: a tiny model, a tiny synthetic corpus, a tiny TrainConfig."""
+import json
+import os
 import random
+import signal
 from pathlib import Path
 
 import torch
 
+from data.loader import BatchLoader
 from minigpt import GPT
 from minigpt.config import GPTConfig, TrainConfig
 
@@ -40,3 +44,25 @@ def tiny(positions: str, **overrides) -> GPT:
     values = dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, positions=positions)
     values.update(overrides)
     return GPT(GPTConfig(**values)).eval()
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    """The metrics.jsonl records of one kind ("train", "eval", ...) of the run in `out`."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def untimed(rs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
+
+
+def interrupt_at(monkeypatch, batches: int) -> None:
+    """Deliver a real SIGINT while the loader hands out batch number `batches` (as Ctrl-C would)."""
+    real = BatchLoader.next_batch
+
+    def next_batch(self):
+        if self.batches == batches:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", next_batch)

@@ -101,6 +101,32 @@ def test_loss_is_mean_cross_entropy():
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.5])
+def test_label_smoothing_is_cross_entropy_against_the_smoothed_target(eps):
+    """Closed form: -sum_k q_k log p_k with q = (1 - eps) one-hot + eps / V, in float64 from the model's logits."""
+    model = tiny("alibi")
+    idx, targets = torch.randint(0, 37, (2, 7)), torch.randint(0, 37, (2, 7))
+    with torch.no_grad():
+        logits, loss = model(idx, targets, label_smoothing=eps)
+        plain = float(model(idx, targets)[1])
+    logp = torch.log_softmax(logits.double(), -1)
+    q = torch.full_like(logp, eps / 37)
+    q.scatter_add_(-1, targets[..., None], torch.full(targets[..., None].shape, 1 - eps, dtype=torch.float64))
+    assert float(q.sum(-1).min()) == pytest.approx(1.0)
+    torch.testing.assert_close(loss.double(), -(q * logp).sum(-1).mean(), rtol=1e-6, atol=1e-6)
+    assert (float(loss) == pytest.approx(plain, abs=1e-7)) == (eps == 0)  # smoothing changes the loss
+
+
+def test_label_smoothing_of_uniform_logits_is_log_vocab():
+    """Uniform predictions cost log V against any target distribution: smoothing cannot change that."""
+    model = tiny("alibi")
+    torch.nn.init.zeros_(model.head.weight)  # tied: the embedding is zero too, so every logit is 0
+    idx = torch.randint(0, 37, (2, 5))
+    with torch.no_grad():
+        for eps in (0.0, 0.3):
+            assert float(model(idx, idx, label_smoothing=eps)[1]) == pytest.approx(math.log(37), rel=1e-6)
+
+
 # ---------------------------------------------------------------- causality
 
 
@@ -225,6 +251,21 @@ def test_dropout_acts_only_in_training_mode():
     assert torch.equal(model(idx)[0], model(idx)[0])
     model.train()
     assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_dropout_is_inverted_dropout():
+    """Training: each activation is 0 or x / (1 - p), so its expected value is x; inference: x exactly."""
+    p = 0.25
+    drop = tiny("alibi", dropout=p).drop
+    x = torch.rand(200_000) + 0.5
+    assert torch.equal(drop(x), x)  # eval mode: the identity
+    drop.train()
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    assert float((~kept).float().mean()) == pytest.approx(p, abs=0.005)
+    assert float(y.sum() / x.sum()) == pytest.approx(1.0, abs=0.01)  # the expected activation is unchanged
 
 
 # ---------------------------------------------------------------- learning

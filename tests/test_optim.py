@@ -102,3 +102,49 @@ def test_adamw_decay_is_decoupled_and_only_on_matrices():
         expected = before[name] * (1 - lr * wd) if id(p) in decayed else before[name]
         torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0)
     assert any(id(p) in decayed for p in model.parameters())
+
+
+def reference_schedule(schedule, step, lr, min_lr, warmup, total, fraction):
+    """Each schedule written out as its piecewise definition, in a different form from lr_at's."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    if step >= total:
+        return min_lr
+    if schedule == "cosine":
+        return reference_lr(step, lr, min_lr, warmup, total)
+    if schedule == "linear":
+        return np.interp(step, [warmup, total], [lr, min_lr])
+    decay_steps = round(fraction * total)  # wsd: flat at lr, then a line down to min_lr over the last steps
+    return float(np.interp(step, [max(warmup, total - decay_steps), total], [lr, min_lr]))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant", "wsd"])
+@pytest.mark.parametrize("warmup,total,fraction", [(10, 100, 0.2), (0, 50, 0.5), (5, 40, 1.0), (30, 40, 0.5)])
+def test_each_schedule_matches_its_formula(schedule, warmup, total, fraction):
+    lr, min_lr = 1e-3, 1e-4
+    for step in range(total + 10):
+        got = lr_at(step, lr, min_lr, warmup, total, schedule, fraction)
+        assert got == pytest.approx(reference_schedule(schedule, step, lr, min_lr, warmup, total, fraction),
+                                    rel=1e-12), step
+
+
+def test_schedule_landmarks():
+    lr, min_lr, warmup, total = 1.0, 0.1, 10, 110
+    assert lr_at(60, lr, min_lr, warmup, total, "linear") == pytest.approx(0.55)  # halfway down the line
+    assert [lr_at(s, lr, min_lr, warmup, total, "constant") for s in (10, 109, 500)] == [1.0, 1.0, 1.0]
+    # wsd with 20 % decay: flat to step 88, then down by (1 - 0.1) / 22 per step, min_lr from step 110 on
+    wsd = [lr_at(s, lr, min_lr, warmup, total, "wsd", 0.2) for s in range(120)]
+    assert wsd[10:89] == [1.0] * 79
+    assert wsd[99] == pytest.approx(1.0 - 11 * 0.9 / 22) and wsd[110:] == [0.1] * 10
+    assert all(a > b for a, b in zip(wsd[88:110], wsd[89:111]))
+    # the default is the cosine of before
+    assert lr_at(37, lr, min_lr, warmup, total) == lr_at(37, lr, min_lr, warmup, total, "cosine")
+
+
+def test_wsd_extends_from_its_stable_phase():
+    """nanochat's point: a wsd run to N steps passes through the same rates as a longer one until its decay."""
+    short = [lr_at(s, 1.0, 0.0, 5, 100, "wsd", 0.2) for s in range(80)]
+    long = [lr_at(s, 1.0, 0.0, 5, 300, "wsd", 0.2) for s in range(80)]
+    assert short == long

@@ -258,10 +258,24 @@ def test_stop_strings_understand_escapes_and_keep_other_text():
 
 @pytest.mark.parametrize("args, expected", [
     (("--device", "gpu"), "unknown --device"),
-    (("--dtype", "float16"), "unknown --dtype"),
+    (("--dtype", "float64"), "unknown --dtype"),
+    (("--device", "mps"), "MPS is not available"),
 ])
 def test_unknown_device_or_dtype(run_dir, args, expected):
+    if args[1] == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS: --device mps is valid here")
     one_line_error(sample(run_dir, *args), expected)
+
+
+def test_float16_sampling_and_evaluation(run_dir, tmp_path):
+    """float16 autocast (what an older GPU runs) samples, and scores nearly the float32 loss."""
+    half = sample_json(run_dir, "--prompt", "naïve café", "--max-new-tokens", "12", "--seed", "1", "--device", "cpu",
+                       "--dtype", "float16")
+    assert 0 < half["samples"][0]["tokens"] <= 12 and half["samples"][0]["finish_reason"]
+    (tmp_path / "t.txt").write_text(" ".join(corpus_documents()[:3]), encoding="utf-8")
+    half, full = (sample_json(run_dir, "--eval", str(tmp_path / "t.txt"), "--device", "cpu", "--dtype", d)
+                  for d in ("float16", "float32"))
+    assert half["loss"] == pytest.approx(full["loss"], rel=2e-3) and half["loss"] != full["loss"]
 
 
 def test_prompt_that_is_not_utf8_on_the_command_line(run_dir):

@@ -17,18 +17,13 @@ from minigpt.errors import CheckpointError, ConfigError
 from minigpt.optim import lr_at
 from minigpt.trainer import TrainingError, resume_command, train
 
-from helpers import tiny_config, write_corpus
+from helpers import interrupt_at, records, tiny_config, untimed, write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     return write_corpus(folder / "corpus.txt"), folder / "cache"
-
-
-def records(out, kind):
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def test_short_run_lowers_validation_loss(tmp_path, corpus):
@@ -48,27 +43,11 @@ def test_short_run_lowers_validation_loss(tmp_path, corpus):
     assert best_config["step"] == min(evals[1:], key=lambda e: e["val_loss"])["step"]  # step 0 is not saved
 
 
-def untimed(rs):
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
-
-
-def _interrupt_at(monkeypatch, batches):
-    """Deliver a real SIGINT while the loader hands out batch number `batches` (as Ctrl-C would)."""
-    real = BatchLoader.next_batch
-
-    def next_batch(self):
-        if self.batches == batches:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self)
-
-    monkeypatch.setattr(BatchLoader, "next_batch", next_batch)
-
-
 def test_ctrl_c_saves_and_resume_is_bit_exact(tmp_path, corpus, monkeypatch):
     shape = {"dropout": 0.1}  # dropout draws from torch's RNG, so its state must be restored too
     straight = train(tiny_config(*corpus, tmp_path / "a", shape, max_iters=20))
 
-    _interrupt_at(monkeypatch, 6)
+    interrupt_at(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(*corpus, tmp_path / "b", shape, max_iters=20))
     monkeypatch.undo()
@@ -94,8 +73,8 @@ def test_resume_can_extend_a_finished_run(tmp_path, corpus):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
     real_forward, calls = GPT.forward, {"n": 0}
 
-    def forward(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
+    def forward(self, idx, targets=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, **kwargs)
         if targets is not None and self.training:
             calls["n"] += 1
             if calls["n"] >= 8:

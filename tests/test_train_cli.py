@@ -17,6 +17,9 @@ from minigpt.trainer import train
 from helpers import tiny_config, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+TRAIN_CLI = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(TRAIN_CLI)
 TINY = ["--vocab-size", "300", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
         "--batch-size", "8", "--eval-iters", "2", "--no-progress", "--device", "cpu"]
 
@@ -171,16 +174,6 @@ def test_resume_from_corrupt_checkpoint(setup, tmp_path):
     assert_one_line_error(run("--resume", "--out-dir", copy), "config.json")
 
 
-def load_train_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN_CLI = load_train_cli()
-
-
 @pytest.mark.parametrize("name", ["out_dir", "data_dir"])
 def test_output_folder_whose_parent_is_a_file(setup, tmp_path, name):
     corpus, cache, _ = setup
@@ -228,7 +221,7 @@ def test_help_lists_the_choices_of_every_choice_flag():
         assert all(value in helps[name] for value in allowed), (name, helps[name])
         if name != "pattern":  # which also takes any regex (the tokenizer checks it)
             with pytest.raises(ConfigError, match=f"{name} must be one of {', '.join(allowed)}"):
-                TRAIN_CLI.make_config([f"--{name}", "bogus-value"])
+                TRAIN_CLI.make_config([f"--{name.replace('_', '-')}", "bogus-value"])
     assert "cuda:N" in helps["device"] and "regex" in helps["pattern"]
 
 
@@ -268,3 +261,51 @@ def test_vocab_size_with_a_given_tokenizer_is_reported(capsys):
     assert "note: --vocab-size ignored: the vocabulary comes from --tokenizer tok.json" in capsys.readouterr().err
     TRAIN_CLI.make_config(["--vocab-size", "500"])
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--label-smoothing", "1"), "label_smoothing must be in [0, 1), got 1.0"),
+    (("--label-smoothing", "-0.1"), "label_smoothing must be in [0, 1)"),
+    (("--patience", "0"), "patience must be a positive integer, got 0"),
+    (("--min-delta", "-0.01"), "min_delta must be >= 0"),
+    (("--max-time", "ten"), "max_time must be a positive duration such as 90s, 10m or 1.5h"),
+    (("--max-time", "10m", "--lr-decay-iters", "500"), "give max_time or lr_decay_iters, not both"),
+    (("--lr-schedule", "exponential"), "lr_schedule must be one of cosine, linear, constant, wsd; got 'exponential'"),
+    (("--decay-fraction", "0"), "decay_fraction must be in (0, 1]"),
+    (("--dtype", "float64"), "dtype must be one of auto, float32, bfloat16, float16"),
+])
+def test_bad_recipe_settings(args, message):
+    with pytest.raises(ConfigError) as error:
+        TRAIN_CLI.make_config(list(args))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_bad_recipe_setting_is_one_line_from_the_command_line():
+    assert_one_line_error(run("--max-time", "1h30m"), "max_time must be a positive duration", "got '1h30m'")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS: --device mps is valid here")
+def test_mps_without_mps(setup, tmp_path):
+    corpus, cache, _ = setup
+    assert_one_line_error(run("--data", corpus, "--data-dir", cache, "--out-dir", tmp_path, *TINY, "--device", "mps"),
+                          "--device mps was given but MPS is not available", "use --device cpu")
+
+
+def test_time_budget_from_the_command_line_and_its_resume(setup, tmp_path):
+    """--max-time with the other recipe flags; the planned step count is what --resume continues to."""
+    corpus, cache, _ = setup
+    result = run("--data", corpus, "--data-dir", cache, "--out-dir", tmp_path / "out", *TINY, "--max-time", "3s",
+                 "--warmup-iters", "5", "--eval-interval", "1000", "--label-smoothing", "0.1", "--lr-schedule", "wsd",
+                 "--dtype", "float16", "--patience", "2")
+    assert result.returncode == 0, result.stderr
+    saved = read_config(tmp_path / "out")
+    steps = saved["train"]["max_iters"]
+    assert saved["step"] == steps and f"leave time for {steps} steps in all" in result.stdout
+    assert "float16 autocast with loss scaling" in result.stdout and "% of the 3s budget" in result.stdout
+    assert {k: saved["train"][k] for k in ("max_time", "label_smoothing", "lr_schedule", "patience")} == \
+        {"max_time": "3s", "label_smoothing": 0.1, "lr_schedule": "wsd", "patience": 2}
+    again = run("--resume", "--out-dir", tmp_path / "out", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert f"already at step {steps} of --max-iters {steps}: nothing to do" in again.stdout
+    assert "time budget" not in again.stdout
+    assert read_config(tmp_path / "out")["step"] == steps
