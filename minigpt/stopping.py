@@ -12,6 +12,7 @@ from typing import Any
 
 SKIP_STEPS = 2  # the first steps pay for one-off work (torch.compile, allocator warm-up): not timed
 MEASURE_STEPS = 20  # steps timed before the budget fixes the step count
+CORRECT_AT = (0.25, 0.5)  # fractions of the planned steps after which the plan is corrected with all times so far
 
 
 @dataclass
@@ -51,9 +52,14 @@ class TimeBudget:
     The budget is for training, evaluations and saves: the clock starts with the loop (`start`), after the data
     is prepared (a first run spends a while training the tokenizer; later runs reuse the prepared tokens).
 
-    The step count is fixed once rather than the run being cut off when the time is up, so that the learning-rate
+    The step count is fixed rather than the run being cut off when the time is up, so that the learning-rate
     schedule runs its whole course (warmup, decay to min_lr) over the steps there is time for: the budget ends
     with an annealed model, not one caught at a high learning rate.
+
+    Twenty steps are a short sample: on a shared machine one step can take 20 % more or less than the next, and a
+    passing load can slow all twenty. So the plan is corrected twice, a quarter and half-way through the planned
+    steps, with the mean of every step timed so far; the schedule then stretches or shrinks a little while the
+    learning rate is still high, and the second half of the run goes as planned.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -62,6 +68,8 @@ class TimeBudget:
         self.step_times: list[float] = []
         self.steps_seen = 0
         self.planned = False  # True once the step count is fixed (here, or by the run a checkpoint came from)
+        self.eval_s = 0.0  # one evaluation + save, timed at the first plan
+        self.corrections: list[int] = []  # steps at which the plan is corrected (none after a resume)
 
     def start(self) -> None:
         self.started = time.perf_counter()
@@ -83,10 +91,25 @@ class TimeBudget:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def plan(self, step: int, eval_interval: int, eval_s: float) -> int:
-        """The total step count for a run now at `step` (see plan_steps); marks the budget as planned."""
+    def due(self, step: int) -> bool:
+        """Whether the plan is to be corrected at `step`."""
+        return bool(self.corrections) and step >= self.corrections[0]
+
+    def plan(self, step: int, eval_interval: int, eval_s: float | None = None) -> int:
+        """The total step count for a run now at `step` (see plan_steps): the first plan (with the time of an
+        evaluation + save, `eval_s`), or a correction of it when `due`. `commit` the count that is chosen."""
+        if not self.planned:
+            self.eval_s = eval_s or 0.0
+        return plan_steps(self.seconds, self.elapsed(), step, self.step_s, self.eval_s, eval_interval)
+
+    def commit(self, step: int, steps: int) -> None:
+        """Record the step count chosen at `step` (rank 0's, under DDP, so that every rank corrects at the same
+        steps); the first plan sets the steps at which it will be corrected."""
+        if self.planned:
+            self.corrections.pop(0)
+        else:
+            self.corrections = sorted({step + max(1, round(f * (steps - step))) for f in CORRECT_AT})
         self.planned = True
-        return plan_steps(self.seconds, self.elapsed(), step, self.step_s, eval_s, eval_interval)
 
 
 def plan_steps(budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float,

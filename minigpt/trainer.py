@@ -349,6 +349,9 @@ class _Run:
                         bar.refresh()
                 elif stop:
                     self._save()
+                elif self.budget is not None and self.budget.due(self.step):
+                    self._fix_step_count()
+                    bar.total = self.cfg.max_iters
                 if stop:
                     bar.close()
                     self._print(f"stopped at step {self.step}; checkpoint saved in {self.out}; continue with "
@@ -380,15 +383,23 @@ class _Run:
         dist.broadcast(tensor, src=0)
         return tensor.item()
 
-    def _fix_step_count(self, eval_s: float) -> None:
-        """--max-time: the first steps, an evaluation and a save are timed; fix max_iters for the whole run."""
+    def _fix_step_count(self, eval_s: float | None = None) -> None:
+        """--max-time: the first steps, an evaluation and a save are timed; fix max_iters for the whole run. Called
+        again (without eval_s) when the budget is due to correct its plan with the step times measured since."""
         cfg, budget = self.cfg, self.budget
+        first = not budget.planned
         steps = int(self._from_main(budget.plan(self.step, cfg.eval_interval, eval_s)))
-        warmup = cfg.warmup_iters if cfg.warmup_iters < steps else steps // 10  # else the rate would never decay
+        budget.commit(self.step, steps)
+        warmup = cfg.warmup_iters
+        if first and warmup >= steps:  # else the rate would never decay
+            warmup = steps // 10
         self.cfg = replace(cfg, max_iters=steps, warmup_iters=warmup)  # saved with every checkpoint from now on
         if self.world.main:
-            self._log({"kind": "plan", "step": self.step, "max_iters": steps, "warmup_iters": warmup,
-                       "budget_s": budget.seconds, "step_s": budget.step_s, "eval_save_s": eval_s})
+            self._log({"kind": "plan" if first else "replan", "step": self.step, "max_iters": steps,
+                       "warmup_iters": warmup, "budget_s": budget.seconds, "step_s": budget.step_s,
+                       "eval_save_s": budget.eval_s})
+        if not first:
+            return  # a correction is in metrics.jsonl; the progress bar shows the new total
         shortened = f"; --warmup-iters {cfg.warmup_iters} shortened to {warmup}" if warmup != cfg.warmup_iters else ""
         self._print(f"time budget {cfg.max_time}: {budget.step_s * 1e3:.1f} ms per step and {eval_s:.2f} s per "
                     f"evaluation + save leave time for {steps} steps in all{shortened}")

@@ -5,6 +5,7 @@ import pytest
 
 from minigpt.config import parse_duration
 from minigpt.errors import ConfigError
+from minigpt import stopping
 from minigpt.stopping import EarlyStopping, format_duration, plan_steps
 
 
@@ -74,3 +75,40 @@ def test_bad_durations_say_what_is_accepted(text):
 
 def test_durations_print_as_people_read_them():
     assert [format_duration(s) for s in (42.34, 118.2, 3725.0)] == ["42.3s", "1m 58.2s", "1h 02m 05s"]
+
+
+def test_time_budget_corrects_its_plan_with_the_step_times_measured_since(monkeypatch):
+    """Twenty fast steps, then a machine that turns busy: the corrections a quarter and half-way through shrink the
+    plan, and the run ends at its budget instead of nearly twice past it."""
+    clock = [0.0]
+    monkeypatch.setattr(stopping.time, "perf_counter", lambda: clock[0])
+    budget = stopping.TimeBudget(100.0)
+    budget.start()
+    step = 0
+
+    def run(seconds: float) -> None:
+        nonlocal step
+        clock[0] += seconds
+        budget.add_step(seconds)
+        step += 1
+
+    while not budget.ready:
+        run(0.1)
+    assert step == stopping.SKIP_STEPS + stopping.MEASURE_STEPS
+    first = budget.plan(step, 10**9, eval_s=0.0)
+    assert first == plan_steps(100.0, clock[0], step, 0.1, 0.0, 10**9)
+    budget.commit(step, first)
+    planned, corrected_at = first, []
+    while step < planned:
+        run(0.2)  # the machine turned busy: every later step takes twice as long
+        if budget.due(step):
+            corrected_at.append(step)
+            mean = sum(budget.step_times) / len(budget.step_times)
+            planned = budget.plan(step, 10**9)
+            assert planned == plan_steps(100.0, clock[0], step, mean, 0.0, 10**9) < first
+            budget.commit(step, planned)
+    plan_step = stopping.SKIP_STEPS + stopping.MEASURE_STEPS
+    assert corrected_at == [plan_step + round(f * (first - plan_step)) for f in stopping.CORRECT_AT]
+    without_corrections = clock[0] + (first - planned) * 0.2
+    assert without_corrections > 190  # the first plan alone would nearly double the budget
+    assert 95 < clock[0] < 102, clock[0]  # corrected: it ends within 2 % of the budget

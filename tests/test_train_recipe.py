@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from minigpt import GPT
 from minigpt.checkpoint import read_config
 from minigpt.optim import lr_at
-from minigpt.stopping import MEASURE_STEPS, SKIP_STEPS
+from minigpt.stopping import CORRECT_AT, MEASURE_STEPS, SKIP_STEPS
 from minigpt import trainer
 from minigpt.trainer import train
 
@@ -142,10 +142,14 @@ def test_time_budget_summary_says_how_long_against_the_budget(tmp_path, corpus, 
     out = train(tiny_config(*corpus, tmp_path / "out", max_time="1s", warmup_iters=5, eval_interval=1000,
                             eval_iters=1))
     (plan,) = records(out, "plan")
-    assert read_config(out)["step"] == plan["max_iters"] > SKIP_STEPS + MEASURE_STEPS
+    corrections = records(out, "replan")  # a quarter and half-way through, with the step times measured since
+    assert [r["step"] for r in corrections] == [SKIP_STEPS + MEASURE_STEPS + round(f * (plan["max_iters"] - plan["step"]))
+                                                for f in CORRECT_AT]
+    final = corrections[-1]["max_iters"]
+    assert read_config(out)["step"] == final > SKIP_STEPS + MEASURE_STEPS
     printed = capsys.readouterr().out
     assert f"time budget 1s: {plan['step_s'] * 1e3:.1f} ms per step" in printed
-    assert re.search(rf"done: {plan['max_iters']} steps in [0-9.]+s, of which training, evaluations and saves "
+    assert re.search(rf"done: {final} steps in [0-9.]+s, of which training, evaluations and saves "
                      rf"[0-9.]+s: [0-9.]+% of the 1s budget", printed)
 
 
