@@ -100,15 +100,13 @@ def learn_merges(
             symbols, count_i = pieces[i], counts[i]
             # One pass that copies the piece into `rewritten` (slices between the joins), so a piece of n symbols
             # costs O(n) per merge however many joins it has; deleting in place would cost O(n) per join.
+            todo = symbols.count(left)  # candidate positions (a stale `where` entry has no matching pair)
             rewritten: list[int] = []
             done = k = 0  # symbols[:done] are in `rewritten`; look for `left` from k on
-            last = len(symbols) - 1  # a pair starts before the last symbol
-            while True:
-                try:
-                    k = symbols.index(left, k, last)
-                except ValueError:  # no more candidates (a stale `where` entry has none at all)
-                    break
-                if symbols[k + 1] != right:
+            while todo:
+                k = symbols.index(left, k)
+                todo -= 1
+                if k + 1 == len(symbols) or symbols[k + 1] != right:
                     k += 1
                     continue
                 rewritten += symbols[done:k]
@@ -127,7 +125,9 @@ def learn_merges(
                     where[new].add(i)
                     grown.add(new)
                 rewritten.append(merged)
-                done = k = k + 2  # past the right symbol, which cannot start another join (also when right == left)
+                done = k = k + 2  # past the right symbol, which cannot start another join
+                if right == left:
+                    todo -= 1  # the right symbol was one of the candidates
             if done:
                 rewritten += symbols[done:]
                 pieces[i] = rewritten
