@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import json
 import math
 import os
@@ -87,7 +88,8 @@ def train(cfg: TrainConfig) -> Path:
         # DDP imports torch.distributed.nn (through torch.distributed._shard), whose functions have `group=WORLD`
         # defaults: imported after the group exists, they would hold it for good, and destroy_process_group()
         # could not free it (see below).
-        import torch.distributed.nn  # noqa: F401
+        importlib.import_module("torch.distributed.nn")  # not `import torch.distributed.nn`: that would make
+        # `torch` a local name of this whole function, unbound at the set_device call above
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
     run = _Run(cfg, world, device)
     try:

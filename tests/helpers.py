@@ -30,10 +30,12 @@ def write_corpus(path: Path, sentences: int = 1500, seed: int = 0) -> Path:
 
 
 def tiny_config(corpus: Path, cache: Path, out: Path, model: dict | None = None, **overrides) -> TrainConfig:
+    """Runs on the CPU, or where MINIGPT_TEST_DEVICE says (bench/cuda_check.sh runs the training tests on a GPU)."""
     shape = dict(n_layer=1, n_head=2, n_embd=32, block_size=16)
     values = dict(data=str(corpus), data_dir=str(cache), out_dir=str(out), vocab_size=300, batch_size=8,
                   max_iters=20, lr=3e-3, min_lr=3e-4, warmup_iters=3, eval_interval=10, eval_iters=4,
-                  log_interval=1, progress=False, device="cpu")
+                  log_interval=1, progress=False,
+                  device=os.environ.get("MINIGPT_TEST_DEVICE", "cpu"))
     values.update(overrides)
     return TrainConfig(model=GPTConfig(**{**shape, **(model or {})}), **values)
 

@@ -196,3 +196,21 @@ def test_vocab_limit_never_chooses_the_rows_of_a_padded_embedding():
     assert int(drawn.max()) < 37
     with pytest.raises(ConfigError, match="vocab_limit"):
         generate_tokens(model, idx, 1, vocab_limit=41)
+
+
+def test_decoding_keeps_off_the_cudnn_attention_kernel(monkeypatch):
+    """cuDNN's kernel plans anew for every key length (6 ms a token on an H200), so decoding, whose key length grows
+    each step, runs with it disabled; outside generation the setting is as it was."""
+    import torch.nn.functional as F
+
+    seen, real = [], F.scaled_dot_product_attention
+
+    def attention(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    list(generate_tokens(tiny("alibi"), torch.zeros(1, 3, dtype=torch.long), 4, temperature=0))
+    assert len(seen) == 4 * 2 and not any(seen)  # 4 forward passes (prompt + 3 cached steps) x 2 layers
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

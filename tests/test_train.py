@@ -71,6 +71,24 @@ def test_resume_can_extend_a_finished_run(tmp_path, corpus):
     assert [r["loss"] for r in records(straight, "train")] == [r["loss"] for r in records(resumed, "train")]
 
 
+def test_a_cuda_device_is_made_current_before_training(tmp_path, corpus, monkeypatch):
+    """train() makes the GPU it resolved the current one. (This once broke on CUDA alone: an import inside train()
+    made `torch` a local name there.) With no GPU here, the device is made to resolve to cuda, and set_device
+    stops the run when it is reached."""
+    import minigpt.trainer as trainer
+
+    class Reached(Exception):
+        pass
+
+    def set_device(device):
+        raise Reached(device)
+
+    monkeypatch.setattr(trainer, "resolve_device", lambda name, local_rank: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(Reached):
+        train(tiny_config(*corpus, tmp_path / "out"))
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
     real_forward, calls = GPT.forward, {"n": 0}
 
