@@ -6,6 +6,13 @@ Run under the shared lock so that benchmarks never overlap (2 minutes x 9 config
     flock /tmp/minigpt-bench.lock python bench/bench_recipe.py --time 2m --work DIR
     python bench/bench_recipe.py --max-iters 5 --max-bytes 300000      # a quick check that everything runs
 
+Searching settings (the default run's retune) with `--tuning-split`: every 20th training document is held out as
+a tuning split, the runs train on the rest and are scored on it, so a choice never looks at the validation split.
+`--candidate NAME=FLAGS` adds configurations to compare, e.g.
+
+    python bench/bench_recipe.py --time 2m --tuning-split --seeds 1337 --configs baseline,lr3 \
+        --candidate "lr3=--lr 3e-3"
+
 Every run is `python train.py` with the default settings (default corpus, default model and schedule) plus its
 configuration's flags, its seed, and either `--max-time TIME` (train.py stops when the time is up) or
 `--max-iters N`. The token cache is prepared once, before any timed run, and shared. Runs go seed by seed, all
@@ -21,12 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,6 +54,8 @@ SWITCHES = {
     "muon": "--optimizer muon",
 }
 COMBINATION = "--positions rope --norm rmsnorm --mlp swiglu --qk-norm --optimizer muon"
+DATA_FLAGS = ("--vocab-size", "--pattern")  # flags that change the prepared tokens
+TUNING_EVERY = 20  # --tuning-split holds out every 20th training document (5 %)
 
 
 def train_run(out: Path, flags: list[str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -53,6 +65,46 @@ def train_run(out: Path, flags: list[str]) -> tuple[float, subprocess.CompletedP
     if result.returncode != 0:
         raise SystemExit(f"train.py failed for {out.name} (exit {result.returncode}):\n{result.stderr[-3000:]}")
     return time.perf_counter() - started, result
+
+
+def data_flags(flags: list[str]) -> list[str]:
+    """The part of a configuration's flags that changes the prepared tokens (each such set is prepared once)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in DATA_FLAGS:
+        parser.add_argument(flag)
+    known, _ = parser.parse_known_args(flags)
+    return [part for flag in DATA_FLAGS if (value := getattr(known, flag[2:].replace("-", "_"))) is not None
+            for part in (flag, value)]
+
+
+def carve_tuning_split(prepared: Path, out: Path) -> None:
+    """Copy a prepared-data folder to `out` with every TUNING_EVERY-th training document as its val.bin and the
+    other training documents as its train.bin. The original validation split is not copied at all."""
+    from data.prepare import load_prepared
+
+    if (out / "meta.json").is_file():
+        return
+    data = load_prepared(prepared)
+    train, eot = np.asarray(data.train_tokens), data.meta["eot_id"]
+    starts = np.flatnonzero(train == eot)  # every document begins with EOT
+    if len(starts) < TUNING_EVERY:
+        raise SystemExit(f"{prepared} has {len(starts)} training documents, too few for a tuning split")
+    documents = np.split(train, starts[1:])
+    held = [d for i, d in enumerate(documents) if i % TUNING_EVERY == TUNING_EVERY - 1]
+    kept = [d for i, d in enumerate(documents) if i % TUNING_EVERY != TUNING_EVERY - 1]
+    byte_lengths = np.array(data.tokenizer.token_byte_lengths())
+    splits = {"train": np.concatenate(kept), "val": np.concatenate(held)}
+    meta = {**data.meta, "tokens": {k: len(v) for k, v in splits.items()},
+            "bytes": {k: int(byte_lengths[v].sum()) for k, v in splits.items()},
+            "documents": {"train": len(kept), "val": len(held)}, "tuning_split": f"every {TUNING_EVERY}th document"}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(prepared / data.meta["tokenizer_file"], tmp / data.meta["tokenizer_file"])
+    for name, tokens in splits.items():
+        tokens.tofile(tmp / f"{name}.bin")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    tmp.rename(out)
 
 
 def score(out: Path, data_dir: Path, eval_batches: int | None) -> dict:
@@ -100,6 +152,11 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join([*SWITCHES, "combination"]),
                         help=f"comma-separated subset of {', '.join(SWITCHES)}, combination")
     parser.add_argument("--combination", default=COMBINATION, help="train.py flags of the 'combination' run")
+    parser.add_argument("--candidate", action="append", default=[], metavar="NAME=FLAGS",
+                        help="another configuration: a name and its train.py flags (repeatable)")
+    parser.add_argument("--tuning-split", action="store_true",
+                        help="train without every 20th training document and score on those (for choosing "
+                             "settings), instead of the validation split")
     parser.add_argument("--max-bytes", type=int, help="read at most this many bytes of the corpus (quick checks)")
     parser.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. '--lr 2e-3'")
     parser.add_argument("--eval-batches", type=int, help="score on this many batches of 16 windows (default all)")
@@ -107,6 +164,11 @@ def main() -> None:
     args = parser.parse_args()
 
     configs = {**SWITCHES, "combination": args.combination}
+    for candidate in args.candidate:
+        name, sep, flags = candidate.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--candidate takes NAME=FLAGS, got {candidate!r}")
+        configs[name] = flags
     names = args.configs.split(",")
     unknown = [n for n in names if n not in configs]
     if unknown:
@@ -122,9 +184,16 @@ def main() -> None:
     # Evaluations during the run would eat into its time: one at step 0 (the trainer's), and the scoring after.
     common += ["--eval-interval", "1000000000"]
 
-    print(f"work folder {work}; preparing the token cache once", flush=True)
-    seconds, _ = train_run(work / "prepare", [*common, "--max-iters", "1"])
-    print(f"  ({seconds:.0f} s)", flush=True)
+    print(f"work folder {work}; preparing the token cache once per vocabulary", flush=True)
+    for prepare in sorted({tuple(data_flags(shlex.split(configs[name]))) for name in names}):
+        seconds, _ = train_run(work / "prepare", [*common, "--max-iters", "1", *prepare])
+        print(f"  {' '.join(prepare) or 'default'} ({seconds:.0f} s)", flush=True)
+    if args.tuning_split:
+        tuning_dir = work / "tuning-data"
+        for meta in sorted(data_dir.glob("*/meta.json")):
+            carve_tuning_split(meta.parent, tuning_dir / meta.parent.name)
+        common[common.index("--data-dir") + 1] = str(tuning_dir)
+        data_dir = tuning_dir
 
     rows = []
     for seed in args.seeds:
@@ -138,9 +207,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     budget_text = f"--max-time {args.time}" if args.time else f"--max-iters {args.max_iters}"
-    print(f"\n{budget_text}, seeds {args.seeds}\n\n{table(rows, names)}")
+    split = "tuning split (every 20th training document)" if args.tuning_split else "validation split"
+    print(f"\n{budget_text}, seeds {args.seeds}, scored on the {split}\n\n{table(rows, names)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recipe.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / ("tuning.json" if args.tuning_split else "recipe.json")).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
