@@ -154,6 +154,9 @@ def main() -> None:
     parser.add_argument("--combination", default=COMBINATION, help="train.py flags of the 'combination' run")
     parser.add_argument("--candidate", action="append", default=[], metavar="NAME=FLAGS",
                         help="another configuration: a name and its train.py flags (repeatable)")
+    parser.add_argument("--keep-evals", action="store_true",
+                        help="keep train.py's evaluations during the runs (a default run as a user sees it, their "
+                             "time included) instead of switching them off")
     parser.add_argument("--tuning-split", action="store_true",
                         help="train without every 20th training document and score on those (for choosing "
                              "settings), instead of the validation split")
@@ -178,11 +181,13 @@ def main() -> None:
         raise SystemExit("this train.py has no --max-time; compare at an equal step count with --max-iters N")
     work = Path(args.work or tempfile.mkdtemp(prefix="minigpt-recipe-"))
     data_dir = work / "data"
-    common = ["--data-dir", str(data_dir), "--overwrite", "--no-progress", "--eval-iters", "1",
-              *(["--max-bytes", str(args.max_bytes)] if args.max_bytes else []), *shlex.split(args.train_flags)]
+    common = ["--data-dir", str(data_dir), "--overwrite", "--no-progress",
+              *(["--max-bytes", str(args.max_bytes)] if args.max_bytes else [])]
     budget_flags = ["--max-time", args.time] if args.time else ["--max-iters", str(args.max_iters)]
-    # Evaluations during the run would eat into its time: one at step 0 (the trainer's), and the scoring after.
-    common += ["--eval-interval", "1000000000"]
+    if not args.keep_evals:
+        # Evaluations during the run would eat into its time: one at step 0 (the trainer's), and the scoring after.
+        common += ["--eval-iters", "1", "--eval-interval", "1000000000"]
+    common += shlex.split(args.train_flags)
 
     print(f"work folder {work}; preparing the token cache once per vocabulary", flush=True)
     for prepare in sorted({tuple(data_flags(shlex.split(configs[name]))) for name in names}):

@@ -91,8 +91,10 @@ class GPTConfig:
 
 
 def _default_model() -> GPTConfig:
-    """The `python train.py` model: small enough to train on a laptop CPU in a few minutes."""
-    return GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)
+    """The `python train.py` model: the shape that reached the lowest bits per byte in about two minutes on a
+    2-core CPU (BENCHMARKS.md, "Retuning the default run"). Two layers beat three and four there: at this budget a
+    smaller model's extra steps are worth more than its depth."""
+    return GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=64)
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -131,10 +133,10 @@ class TrainConfig:
     # the network
     model: GPTConfig = field(default_factory=_default_model)
     # optimisation
-    batch_size: int = field(default=12, metadata={"help": "sequences per micro-batch (per process)"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch (per process)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
     max_iters: int = field(default=1500, metadata={"help": "optimizer steps to train for (in total, across resumes); --max-time sets it"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
     min_lr: float | None = field(default=None, metadata={"help": "learning rate at the end of the decay; default --lr / 10"})
     warmup_iters: int = field(default=100, metadata={"help": "steps of linear warmup from 0 to --lr"})
     lr_decay_iters: int | None = field(default=None, metadata={"help": "step where the decay reaches --min-lr; default --max-iters"})
