@@ -15,7 +15,6 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import ConfigError
 from .model import GPT, KVCache, check_token_ids
@@ -94,14 +93,22 @@ def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: floa
             logits = _last_logits(model, tokens[:, :length], window, cache, prime=False)[:, :vocab_limit]
 
 
-def _decoding_attention() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _decoding_attention() -> Iterator[None]:
     """Attention kernels for decoding: any but cuDNN's. Its kernel (torch's choice for half precision with an
     attention bias on recent GPUs) builds a new plan for every key length, and decoding grows that length by one
     each token: on an H200 that cost 6.4 ms per call, a bfloat16 6-layer model decoding at 23 tokens/s against
-    393 in float32 (bench/cuda_check.sh). Training and evaluation keep one length and reuse their plan."""
-    if not hasattr(SDPBackend, "CUDNN_ATTENTION"):  # older torch: no cuDNN kernel to avoid
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    393 in float32 (bench/cuda_check.sh). Training and evaluation keep one length and reuse their plan. Setting the
+    flag directly costs ~4 us a token (torch.nn.attention.sdpa_kernel cost ~30, 3 % of a default-size CPU token)."""
+    if not hasattr(torch.backends.cuda, "enable_cudnn_sdp"):  # older torch: no cuDNN attention to avoid
+        yield
+        return
+    was_enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was_enabled)
 
 
 def _last_logits(model: GPT, tokens: Tensor, window: int | None, cache: KVCache | None, prime: bool) -> Tensor:
