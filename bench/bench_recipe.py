@@ -158,8 +158,8 @@ def main() -> None:
                         help="keep train.py's evaluations during the runs (a default run as a user sees it, their "
                              "time included) instead of switching them off")
     parser.add_argument("--tuning-split", action="store_true",
-                        help="train without every 20th training document and score on those (for choosing "
-                             "settings), instead of the validation split")
+                        help=f"train without every {TUNING_EVERY}th training document and score on those (for "
+                             f"choosing settings), instead of the validation split")
     parser.add_argument("--max-bytes", type=int, help="read at most this many bytes of the corpus (quick checks)")
     parser.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. '--lr 2e-3'")
     parser.add_argument("--eval-batches", type=int, help="score on this many batches of 16 windows (default all)")
@@ -212,7 +212,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     budget_text = f"--max-time {args.time}" if args.time else f"--max-iters {args.max_iters}"
-    split = "tuning split (every 20th training document)" if args.tuning_split else "validation split"
+    split = f"tuning split (every {TUNING_EVERY}th training document)" if args.tuning_split else "validation split"
     print(f"\n{budget_text}, seeds {args.seeds}, scored on the {split}\n\n{table(rows, names)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / ("tuning.json" if args.tuning_split else "recipe.json")).write_text(json.dumps(rows, indent=1) + "\n")
