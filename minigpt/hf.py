@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ from safetensors.torch import load_file
 
 from tokenizer import Tokenizer, TokenizerError
 
+from .checkpoint import has_checkpoint, load_model
 from .config import GPTConfig
 from .errors import CheckpointError, ConfigError
-from .checkpoint import has_checkpoint, load_model
 from .model import GPT, NORM_EPS
 
 SUPPORTED_TYPES = ("gpt2", "mpt", "llama", "qwen3")  # mpt, llama, qwen3: the shapes that minigpt.export writes
@@ -106,9 +107,10 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 def read_hf_config(folder: Path) -> tuple[str, dict[str, Any]]:
     """(model_type, config.json) of a model folder, refusing model types this reader cannot map."""
     if has_checkpoint(folder):
+        where = shlex.quote(str(folder))
         raise CheckpointError(f"{folder} is a minigpt checkpoint, not a Hugging Face model folder: sample it with "
-                              f"`python sample.py --out-dir {folder}` (GPT.from_pretrained reads it too), or turn "
-                              f"it into one with `python -m minigpt.export {folder} HF_DIR`")
+                              f"`python sample.py --out-dir {where}` (GPT.from_pretrained reads it too), or turn "
+                              f"it into one with `python -m minigpt.export {where} HF_DIR`")
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -159,7 +161,7 @@ def gpt_config(folder: Path) -> GPTConfig:
                  "a logit_scale or embedding_fraction")
             eps = c.get("layer_norm_epsilon", LAYER_NORM_EPS)
             config = GPTConfig(vocab_size=int(c.get("vocab_size", 50368)),
-                               block_size=training_context(folder, int(c.get("max_seq_len", 2048))),
+                               block_size=_training_context(folder, int(c.get("max_seq_len", 2048))),
                                n_layer=int(c.get("n_layers", 24)), n_head=int(c.get("n_heads", 16)),
                                n_embd=int(c.get("d_model", 2048)), positions="alibi", bias=False,
                                tie_weights=bool(c.get("tie_word_embeddings", True)), activation="gelu")
@@ -181,7 +183,7 @@ def gpt_config(folder: Path) -> GPTConfig:
                  "sliding-window attention")
             eps = c.get("rms_norm_eps", 1e-6)
             config = GPTConfig(vocab_size=int(c.get("vocab_size", 32000)),
-                               block_size=training_context(folder, int(c.get("max_position_embeddings", 2048))),
+                               block_size=_training_context(folder, int(c.get("max_position_embeddings", 2048))),
                                n_layer=int(c.get("num_hidden_layers", 32)), n_head=n_head, n_embd=n_embd,
                                positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                                qk_norm=model_type == "qwen3", tie_weights=bool(c.get("tie_word_embeddings", False)))
@@ -191,7 +193,7 @@ def gpt_config(folder: Path) -> GPTConfig:
     return config
 
 
-def training_context(folder: Path, declared: int) -> int:
+def _training_context(folder: Path, declared: int) -> int:
     """The block_size of a model whose positions take any length (ALiBi, RoPE): the config declares how far it may
     be run (`minigpt.export` writes a large number there), the tokenizer's model_max_length how long its training
     inputs were; the shorter, as the window to evaluate and finetune on."""
