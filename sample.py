@@ -150,10 +150,10 @@ def evaluate_file(args, model, tokenizer, config, device, autocast) -> int:
 
     ids = eval_tokens(args, tokenizer, config.get("train", {}))
     block_size = args.block_size or config["model"]["block_size"]
-    if config["model"]["positions"] == "learned" and block_size > config["model"]["block_size"]:
-        raise ConfigError(f"--block-size {block_size} is longer than this learned-position model's "
-                          f"{config['model']['block_size']} positions; use --block-size {config['model']['block_size']} "
-                          f"or less (ALiBi and sinusoidal models take any length)")
+    limit = model.config.context_limit
+    if limit is not None and block_size > limit:
+        raise ConfigError(f"--block-size {block_size} is longer than this learned-position model's {limit} positions; "
+                          f"use --block-size {limit} or less (ALiBi, RoPE and sinusoidal models take any length)")
     if len(ids) < 2:
         raise MinigptError(f"{args.eval} holds {len(ids)} token{'s' * (len(ids) != 1)}: too little to score (a "
                            f"prediction needs 2); give more text")
@@ -199,7 +199,7 @@ def cap_prompt(ids: list[int], config) -> list[int]:
     """The last PROMPT_CONTEXTS training contexts of a prompt that is longer, saying so (see PROMPT_CONTEXTS);
     learned-position models need no cap: generation slides their window over the prompt."""
     limit = PROMPT_CONTEXTS * config.block_size
-    if config.positions == "learned" or len(ids) <= limit:
+    if config.context_limit is not None or len(ids) <= limit:
         return ids
     print(f"note: the prompt has {len(ids):,} tokens, more than {PROMPT_CONTEXTS} times this model's training "
           f"context of {config.block_size}; the model reads only its last {limit:,} tokens (memory grows with the "

@@ -89,6 +89,70 @@ class GPTConfig:
     def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
         return from_dict_strict(cls, values)
 
+    # What these settings can do, answered once for every path (sampling, evaluation, export, import, serving):
+    # a path asks here instead of re-deriving it, and refuses in one line what it cannot honour.
+
+    @property
+    def context_limit(self) -> int | None:
+        """The longest input the model computes: block_size with learned positions (a table of that many rows);
+        None with the others, which compute any position (how well beyond block_size is another matter)."""
+        return self.block_size if self.positions == "learned" else None
+
+    def export_format(self) -> str:
+        """The Hugging Face model type that computes exactly what this model computes (see EXPORT_FORMATS), or a
+        ConfigError that names the setting none of them has."""
+        for name, needs in EXPORT_FORMATS.items():
+            if all(getattr(self, setting) in allowed for setting, allowed in needs.items()):
+                return name
+        raise ConfigError(_export_refusal(self))
+
+
+# ---------------------------------------------------------------------------------- what a setting exports as
+# The Hugging Face model types a model exports as, each with the values of the settings under which transformers
+# computes exactly what our model computes; a setting not named may take any value (tied or untied heads, dropout;
+# GPT-2 has biases everywhere, so a model without them is GPT-2 with zero biases). Checked by tests/test_export.py
+# against transformers' logits for every combination.
+EXPORT_FORMATS: dict[str, dict[str, tuple]] = {
+    # GPT2LMHeadModel: learned table (the sinusoidal one is written into it); activation_function gelu,
+    # gelu_pytorch_tanh or relu2
+    "gpt2": {"positions": ("learned", "sinusoidal"), "norm": ("layernorm",), "mlp": ("gelu", "relu2"),
+             "qk_norm": (False,)},
+    # MptForCausalLM: the same ALiBi slopes, no biases anywhere (LayerNorm included), the exact GELU only
+    "mpt": {"positions": ("alibi",), "bias": (False,), "norm": ("layernorm",), "mlp": ("gelu",),
+            "activation": ("gelu",), "qk_norm": (False,)},
+    # LlamaForCausalLM: RoPE in the same halves layout and base, RMSNorm, SwiGLU of the same width
+    "llama": {"positions": ("rope",), "bias": (False,), "norm": ("rmsnorm",), "mlp": ("swiglu",), "qk_norm": (False,)},
+    # Qwen3ForCausalLM: Llama with our QK-norm (an RMSNorm over each head's dimension, one gain shared by the heads)
+    "qwen3": {"positions": ("rope",), "bias": (False,), "norm": ("rmsnorm",), "mlp": ("swiglu",), "qk_norm": (True,)},
+}
+EXPORT_NAMES = {"gpt2": "GPT-2", "mpt": "MPT", "llama": "Llama", "qwen3": "Qwen3"}
+
+
+def _flag(setting: str, values: tuple) -> str:
+    """The train.py flag that sets `setting` to one of `values`: --no-bias, --qk-norm, --mlp gelu|relu2."""
+    name = "--" + setting.replace("_", "-")
+    if isinstance(values[0], bool):
+        return name if values[0] else "--no-" + name[2:]
+    return f"{name} {'|'.join(values)}"
+
+
+def _export_refusal(config: GPTConfig) -> str:
+    """Why `config` exports as nothing: the first setting that differs from the format its positions export as
+    (of two, the one with fewer differences), and the value that format takes."""
+    candidates = [name for name, needs in EXPORT_FORMATS.items() if config.positions in needs["positions"]]
+    if not candidates:
+        setting, why = "positions", "no Hugging Face model type has these positions"
+    else:
+        def differences(name: str) -> list[str]:
+            return [s for s, allowed in EXPORT_FORMATS[name].items() if getattr(config, s) not in allowed]
+
+        name = min(candidates, key=lambda n: len(differences(n)))
+        setting = differences(name)[0]
+        why = (f"{config.positions} positions export as {EXPORT_NAMES[name]}, which takes "
+               f"{_flag(setting, EXPORT_FORMATS[name][setting])}")
+    return (f"cannot export a model trained with {_flag(setting, (getattr(config, setting),))}: {why} (the "
+            f"README's section on exporting lists what exports as what)")
+
 
 def _default_model() -> GPTConfig:
     """The `python train.py` model: the shape that reached the lowest bits per byte in about two minutes on a

@@ -66,7 +66,7 @@ def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: floa
     if max_new_tokens == 0:
         return
     batch, prompt_len = idx.shape
-    window = cfg.block_size if cfg.positions == "learned" else None  # None: the model takes any length
+    window = cfg.context_limit  # None: the model takes any length
     tokens = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=idx.device)
     tokens[:, :prompt_len] = idx
     length = prompt_len

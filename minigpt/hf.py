@@ -1,20 +1,25 @@
-"""Hugging Face layout in: GPT-2-family models (and the MPT files `minigpt.export` writes) as minigpt GPTs.
+"""Hugging Face layout in: GPT-2-family models, and the MPT, Llama and Qwen3 shapes `minigpt.export` writes.
 
 A model folder in that layout holds `config.json` (`model_type`, sizes), `model.safetensors` (or shards
 `model-0000x-of-0000y.safetensors` listed in `model.safetensors.index.json`) and the tokenizer files. The
-weight names and shapes differ from ours in three ways, all undone here exactly:
+weight names and shapes differ from ours in four ways, all undone here exactly:
 
 - GPT-2 stores its projections as `Conv1D`, whose weight is (in, out): the transpose of an `nn.Linear`'s;
-- its names (`h.3.attn.c_attn`) are not ours (`blocks.3.attn.qkv`); Q, K and V are fused in the same order;
+- their names (`h.3.attn.c_attn`) are not ours (`blocks.3.attn.qkv`);
+- we fuse what Llama keeps apart: Q, K and V in one projection (`attn.qkv`), SwiGLU's value and gate in one
+  (`mlp.fc`, value first: `up_proj`, then `gate_proj`);
 - a tied output head is not stored at all (it is the token embedding).
 
 GPT-2 uses the tanh-approximated GELU (`activation="gelu_tanh"` here) and LayerNorm epsilon 1e-5, torch's
 default. Weights are read from safetensors only: a `pytorch_model.bin` is a pickle, which can run code on load.
+A minigpt checkpoint folder (out/, out/best) is not in this layout: `load_pretrained` reads it as sample.py does,
+and the other readers here say which function reads it.
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +29,46 @@ from safetensors.torch import load_file
 
 from tokenizer import Tokenizer, TokenizerError
 
+from .checkpoint import has_checkpoint, load_model
 from .config import GPTConfig
 from .errors import CheckpointError, ConfigError
-from .model import GPT
+from .model import GPT, NORM_EPS
 
-SUPPORTED_TYPES = ("gpt2", "mpt")  # mpt: only the ALiBi models without biases that minigpt.export writes
+SUPPORTED_TYPES = ("gpt2", "mpt", "llama", "qwen3")  # mpt, llama, qwen3: the shapes that minigpt.export writes
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 HUB_FILES = ["*.safetensors", INDEX_FILE, "config.json", "generation_config.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
-LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which our model uses
+LAYER_NORM_EPS = NORM_EPS  # our norms' epsilon (torch's nn.LayerNorm default): an import must have the same
+ROPE_THETA = 10000.0  # the base of our rotary angles, θ_k = 10000^(-2k/d) (positions.RotaryPositions)
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # names transformers gives the tanh approximation
 
 
-# Their names -> ours, per model type: (block list prefix, names inside a block, names outside the blocks).
+# Their names -> ours, per model type: (the prefix of the model's body, its list of blocks, names inside a block,
+# names outside the blocks). The output head sits outside the body, as lm_head.weight, in every type.
+_LLAMA_BLOCK = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn.o_proj": "attn.proj",
+                "mlp.down_proj": "mlp.proj"}
+_LLAMA_TOP = {"embed_tokens.weight": "wte.weight", "norm.weight": "ln_f.weight"}
 NAMES = {
-    "gpt2": ("h",
+    "gpt2": ("transformer", "h",
              {"ln_1": "ln_1", "ln_2": "ln_2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
               "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"},
              {"wte.weight": "wte.weight", "wpe.weight": "wpe.table.weight", "ln_f.weight": "ln_f.weight",
-              "ln_f.bias": "ln_f.bias", "lm_head.weight": "head.weight"}),
-    "mpt": ("blocks",
+              "ln_f.bias": "ln_f.bias"}),
+    "mpt": ("transformer", "blocks",
             {"norm_1": "ln_1", "norm_2": "ln_2", "attn.Wqkv": "attn.qkv", "attn.out_proj": "attn.proj",
              "ffn.up_proj": "mlp.fc", "ffn.down_proj": "mlp.proj"},
-            {"wte.weight": "wte.weight", "norm_f.weight": "ln_f.weight", "lm_head.weight": "head.weight"}),
+            {"wte.weight": "wte.weight", "norm_f.weight": "ln_f.weight"}),
+    "llama": ("model", "layers", _LLAMA_BLOCK, _LLAMA_TOP),
+    "qwen3": ("model", "layers", {**_LLAMA_BLOCK, "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"},
+              _LLAMA_TOP),
 }
+HEAD = "lm_head.weight"
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's (in, out) weights
+# Our fused projections that Llama and Qwen3 keep apart: their parts, in the order ours stacks their rows.
+_LLAMA_FUSED = {"attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                "mlp.fc": ("mlp.up_proj", "mlp.gate_proj")}
+FUSED = {"llama": _LLAMA_FUSED, "qwen3": _LLAMA_FUSED}
 
 
 # ------------------------------------------------------------------------------------------------ where
@@ -87,6 +106,11 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------- config
 def read_hf_config(folder: Path) -> tuple[str, dict[str, Any]]:
     """(model_type, config.json) of a model folder, refusing model types this reader cannot map."""
+    if has_checkpoint(folder):
+        where = shlex.quote(str(folder))
+        raise CheckpointError(f"{folder} is a minigpt checkpoint, not a Hugging Face model folder: sample it with "
+                              f"`python sample.py --out-dir {where}` (GPT.from_pretrained reads it too), or turn "
+                              f"it into one with `python -m minigpt.export {where} HF_DIR`")
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -97,7 +121,8 @@ def read_hf_config(folder: Path) -> tuple[str, dict[str, Any]]:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in SUPPORTED_TYPES:
         raise CheckpointError(f"{path} describes a {model_type!r} model; supported are {', '.join(SUPPORTED_TYPES)} "
-                              f"(GPT-2 family: gpt2, distilgpt2, gpt2-medium/large/xl, ...)")
+                              f"(GPT-2 family: gpt2, distilgpt2, gpt2-medium/large/xl, ...; mpt, llama and qwen3 "
+                              f"of the shapes minigpt.export writes)")
     return model_type, config
 
 
@@ -115,15 +140,17 @@ def gpt_config(folder: Path) -> GPTConfig:
             n_embd = int(c.get("n_embd", 768))
             act = c.get("activation_function", "gelu_new")
             need(c.get("n_inner") in (None, 4 * n_embd), f"n_inner={c.get('n_inner')} (not 4 x n_embd)")
-            need(act in TANH_GELUS + ("gelu",), f"activation_function={act!r}")
+            need(act in TANH_GELUS + ("gelu", "relu2"), f"activation_function={act!r}")
             need(c.get("scale_attn_weights", True) and not c.get("scale_attn_by_inverse_layer_idx", False),
                  "attention scaled other than by 1/sqrt(head size)")
             need(not c.get("add_cross_attention", False), "cross-attention")
+            eps = c.get("layer_norm_epsilon", LAYER_NORM_EPS)
             config = GPTConfig(vocab_size=int(c.get("vocab_size", 50257)), block_size=int(c.get("n_positions", 1024)),
                                n_layer=int(c.get("n_layer", 12)), n_head=int(c.get("n_head", 12)), n_embd=n_embd,
                                positions="learned", bias=True, tie_weights=bool(c.get("tie_word_embeddings", True)),
-                               activation="gelu" if act == "gelu" else "gelu_tanh")
-        else:  # mpt
+                               mlp="relu2" if act == "relu2" else "gelu",
+                               activation="gelu_tanh" if act in TANH_GELUS else "gelu")
+        elif model_type == "mpt":
             attn = c.get("attn_config") or {}
             need(attn.get("alibi", False) and attn.get("alibi_bias_max", 8) == 8, "positions other than ALiBi (max 8)")
             need(c.get("no_bias", True), "Linear biases")
@@ -132,15 +159,49 @@ def gpt_config(folder: Path) -> GPTConfig:
                  and not attn.get("prefix_lm"), "a non-standard attention (qk_ln, clip_qkv, softmax_scale, prefix_lm)")
             need(c.get("logit_scale") is None and c.get("embedding_fraction", 1.0) == 1.0,
                  "a logit_scale or embedding_fraction")
-            config = GPTConfig(vocab_size=int(c.get("vocab_size", 50368)), block_size=int(c.get("max_seq_len", 2048)),
+            eps = c.get("layer_norm_epsilon", LAYER_NORM_EPS)
+            config = GPTConfig(vocab_size=int(c.get("vocab_size", 50368)),
+                               block_size=_training_context(folder, int(c.get("max_seq_len", 2048))),
                                n_layer=int(c.get("n_layers", 24)), n_head=int(c.get("n_heads", 16)),
                                n_embd=int(c.get("d_model", 2048)), positions="alibi", bias=False,
                                tie_weights=bool(c.get("tie_word_embeddings", True)), activation="gelu")
-    except (TypeError, ValueError, ConfigError) as exc:
+        else:  # llama, qwen3 (transformers' defaults where a key is missing)
+            n_embd, n_head = int(c.get("hidden_size", 4096)), int(c.get("num_attention_heads", 32))
+            head_dim = c.get("head_dim") or (128 if model_type == "qwen3" else n_embd // n_head)
+            rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+            theta = rope.get("rope_theta", c.get("rope_theta", ROPE_THETA))
+            need(c.get("num_key_value_heads") in (None, n_head), "grouped-query attention (num_key_value_heads="
+                 f"{c.get('num_key_value_heads')} of {n_head} heads)")
+            need(head_dim * n_head == n_embd, f"head_dim={head_dim} (not hidden_size / num_attention_heads)")
+            need(c.get("hidden_act", "silu") == "silu", f"hidden_act={c.get('hidden_act')!r}")
+            width = c.get("intermediate_size", 22016 if model_type == "qwen3" else 11008)
+            need(width == 8 * n_embd // 3, f"intermediate_size={width} (minigpt's SwiGLU is 8 x hidden_size / 3 wide)")
+            need(rope.get("rope_type", rope.get("type", "default")) == "default" and float(theta) == ROPE_THETA,
+                 f"RoPE other than the default with theta {ROPE_THETA:g} ({rope or {'rope_theta': theta}})")
+            need(not c.get("attention_bias") and not c.get("mlp_bias"), "biases")
+            need(not c.get("use_sliding_window") and all(t == "full_attention" for t in c.get("layer_types") or []),
+                 "sliding-window attention")
+            eps = c.get("rms_norm_eps", 1e-6)
+            config = GPTConfig(vocab_size=int(c.get("vocab_size", 32000)),
+                               block_size=_training_context(folder, int(c.get("max_position_embeddings", 2048))),
+                               n_layer=int(c.get("num_hidden_layers", 32)), n_head=n_head, n_embd=n_embd,
+                               positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                               qk_norm=model_type == "qwen3", tie_weights=bool(c.get("tie_word_embeddings", False)))
+    except (TypeError, ValueError, AttributeError, ConfigError) as exc:
         raise CheckpointError(f"{where} holds invalid sizes: {exc}") from None
-    need(float(c.get("layer_norm_epsilon", LAYER_NORM_EPS)) == LAYER_NORM_EPS,
-         f"layer_norm_epsilon={c.get('layer_norm_epsilon')} (minigpt uses {LAYER_NORM_EPS})")
+    need(float(eps) == LAYER_NORM_EPS, f"a norm epsilon of {eps} (minigpt uses {LAYER_NORM_EPS})")
     return config
+
+
+def _training_context(folder: Path, declared: int) -> int:
+    """The block_size of a model whose positions take any length (ALiBi, RoPE): the config declares how far it may
+    be run (`minigpt.export` writes a large number there), the tokenizer's model_max_length how long its training
+    inputs were; the shorter, as the window to evaluate and finetune on."""
+    try:
+        trained = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))["model_max_length"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return declared
+    return trained if isinstance(trained, int) and 0 < trained < declared else declared
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -171,25 +232,38 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def to_minigpt_names(weights: dict[str, torch.Tensor], model_type: str, config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors renamed (and Conv1D weights transposed) into our state-dict names."""
+    """Hugging Face tensors renamed (Conv1D weights transposed, Llama's separate projections fused) into our
+    state-dict names."""
+    body, blocks, block, top = NAMES[model_type]
+    fused_from = {part: (ours, k) for ours, parts in FUSED.get(model_type, {}).items() for k, part in enumerate(parts)}
     # hub files of the original GPT-2 have bare names ("h.0..."); save_pretrained writes "transformer.h.0..."
-    weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
-    prefix, block, top = NAMES[model_type]
+    weights = {k.removeprefix(body + "."): v for k, v in weights.items()}
     out: dict[str, torch.Tensor] = {}
+    pieces: dict[str, dict[int, torch.Tensor]] = {}  # our fused name -> its parts by position
     for name, tensor in weights.items():
         if name.endswith((".attn.bias", ".attn.masked_bias")):  # old GPT-2 files store the causal mask: not weights
             continue
-        if name in top:
-            out[top[name]] = tensor
+        if name == HEAD or name in top:
+            out["head.weight" if name == HEAD else top[name]] = tensor
             continue
         parts = name.split(".")
         module, leaf = ".".join(parts[2:-1]), parts[-1]
-        if parts[0] != prefix or not parts[1].isdigit() or module not in block:
+        if parts[0] != blocks or not parts[1].isdigit() or (module not in block and module not in fused_from):
             raise CheckpointError(f"the pretrained weights hold {name}, which a {model_type} model of minigpt's "
                                   f"shape does not have; the files do not match config.json")
         if model_type == "gpt2" and module in CONV1D and leaf == "weight":
             tensor = tensor.t()
-        out[f"blocks.{parts[1]}.{block[module]}.{leaf}"] = tensor
+        if module in fused_from:
+            ours, k = fused_from[module]
+            pieces.setdefault(f"blocks.{parts[1]}.{ours}.{leaf}", {})[k] = tensor
+        else:
+            out[f"blocks.{parts[1]}.{block[module]}.{leaf}"] = tensor
+    for name, by_position in pieces.items():
+        ours = name.split(".")[2] + "." + name.split(".")[3]
+        if sorted(by_position) != list(range(len(FUSED[model_type][ours]))):
+            raise CheckpointError(f"the pretrained weights hold only some of {FUSED[model_type][ours]} for {name}; "
+                                  f"the files are incomplete")
+        out[name] = torch.cat([by_position[k] for k in sorted(by_position)])
     if config.tie_weights:
         out.pop("head.weight", None)  # the same matrix as wte: loaded once
     return out
@@ -220,10 +294,19 @@ def load_into(model: GPT, name_or_path: str | os.PathLike) -> None:
 
 
 def load_pretrained(name_or_path: str | os.PathLike, block_size: int | None = None, dropout: float = 0.0) -> GPT:
-    """GPT.from_pretrained: the model in eval mode, float32, on the CPU."""
+    """GPT.from_pretrained: the model in eval mode, float32, on the CPU. A minigpt checkpoint folder (out/,
+    out/best) is read too, with the same settings."""
     folder = resolve(name_or_path)  # once: a hub name is looked up on the network
-    config = pretrained_config(folder, {"block_size": block_size} if block_size else {})
-    model = GPT(GPTConfig(**{**config.to_dict(), "dropout": dropout}))
+    given = {"dropout": dropout, **({"block_size": block_size} if block_size else {})}
+    if has_checkpoint(folder):
+        trained, _, _ = load_model(folder)
+        model = GPT(with_given(trained.config.to_dict(), given, str(name_or_path)))
+        state = trained.state_dict()
+        if "wpe.table.weight" in state:  # learned positions: a shorter block_size keeps the first rows
+            state["wpe.table.weight"] = state["wpe.table.weight"][:model.config.block_size]
+        model.load_state_dict(state)
+        return model.eval()
+    model = GPT(pretrained_config(folder, given))
     load_into(model, folder)
     return model.eval()
 
@@ -231,18 +314,23 @@ def load_pretrained(name_or_path: str | os.PathLike, block_size: int | None = No
 def pretrained_config(name_or_path: str | os.PathLike, given: dict[str, Any]) -> GPTConfig:
     """The pretrained model's GPTConfig with the settings a finetune may change (`given`: a shorter block_size,
     dropout); any other given setting must agree with the pretrained model, or this is a ConfigError."""
-    folder = resolve(name_or_path)
-    config = gpt_config(folder).to_dict()
+    return with_given(gpt_config(resolve(name_or_path)).to_dict(), given, str(name_or_path))
+
+
+def with_given(config: dict[str, Any], given: dict[str, Any], name: str) -> GPTConfig:
+    """`config` (a pretrained model's settings) with those of `given` that a finetune or a reader may change."""
+    config = dict(config)
     for key, value in given.items():
         if key == "dropout":
             config[key] = value
         elif key == "block_size":  # learned positions: the table is cropped to the first block_size rows
-            if config["positions"] == "learned" and value > config[key]:
-                raise ConfigError(f"--block-size {value} is longer than the {config[key]} positions that "
-                                  f"{name_or_path} learned; use --block-size {config[key]} or less")
+            limit = GPTConfig(**config).context_limit
+            if limit is not None and value > limit:
+                raise ConfigError(f"--block-size {value} is longer than the {limit} positions that {name} learned; "
+                                  f"use --block-size {limit} or less")
             config[key] = value
         elif config.get(key, value) != value:
-            raise ConfigError(f"--{key.replace('_', '-')} {value} contradicts {name_or_path}, whose {key} is "
+            raise ConfigError(f"--{key.replace('_', '-')} {value} contradicts {name}, whose {key} is "
                               f"{config[key]}; leave it out (the shape comes from the pretrained model)")
     return GPTConfig(**config)
 
@@ -251,6 +339,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, vocab_size: int | None = Non
     """The tokenizer of a Hugging Face model folder (or hub name), checked against its embedding rows: more tokens
     than rows cannot be embedded; fewer is fine (vocabularies are often padded to a round size)."""
     folder = resolve(name_or_path)
+    if has_checkpoint(folder):  # a minigpt checkpoint: its own tokenizer file
+        return load_model(folder)[1]
     try:
         tokenizer = Tokenizer.from_huggingface(folder)
     except TokenizerError as exc:

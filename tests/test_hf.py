@@ -22,6 +22,7 @@ from minigpt import hf
 from minigpt.checkpoint import load_model, save_checkpoint
 from minigpt.errors import run_cli
 from minigpt.export import main as export_main
+from minigpt.export import save_hf_folder
 from minigpt.quantize import quantize_int8
 from tests.helpers import write_corpus
 from tokenizer import Tokenizer
@@ -115,9 +116,12 @@ def test_bad_folders_are_one_line_errors(gpt2_dir, tmp_path):
     sample = sample_cli()
     (tmp_path / "empty").mkdir()
     one_line_error(cli(sample, "--init-from", str(tmp_path / "empty")), "no config.json")
+    (tmp_path / "falcon").mkdir()
+    (tmp_path / "falcon" / "config.json").write_text(json.dumps({"model_type": "falcon"}))
+    one_line_error(cli(sample, "--init-from", str(tmp_path / "falcon")), "'falcon'", "gpt2")
     (tmp_path / "llama").mkdir()
-    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    one_line_error(cli(sample, "--init-from", str(tmp_path / "llama")), "'llama'", "gpt2")
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))  # transformers' defaults
+    one_line_error(cli(sample, "--init-from", str(tmp_path / "llama")), "intermediate_size=11008")
     pickle = tmp_path / "pickle"
     pickle.mkdir()
     (pickle / "config.json").write_text((gpt2_dir / "config.json").read_text())
@@ -186,53 +190,49 @@ def test_finetune_from_pretrained_crops_positions_and_resumes(gpt2_dir, tmp_path
         assert (model(idx)[0] - reference(tmp_path / "hf")(idx).logits).abs().max() <= 1e-4
 
 
-# ------------------------------------------------------------------------------------------------------ export
-def checkpoint(folder: Path, tok: Tokenizer, **shape) -> GPT:
+# ------------------------------------------------------------------------------------- our own folders, read back
+def test_from_pretrained_reads_a_minigpt_checkpoint_and_the_hf_paths_say_what_does(tmp_path):
+    tok = Tokenizer.train(TEXT * 20, vocab_size=300, progress=False, num_proc=1)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=6, n_embd=48, **shape)).eval()
-    with torch.no_grad():  # away from the initialisation, so that biases and LayerNorms are not trivially 0 and 1
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_checkpoint(folder, model, tok, {"model": model.config.to_dict(), "train": {}, "step": 0})
-    return model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.train(TEXT * 20, vocab_size=320, progress=False, num_proc=1)
-
-
-@pytest.mark.parametrize("shape, architecture", [
-    (dict(positions="learned"), "GPT2LMHeadModel"),
-    (dict(positions="sinusoidal", tie_weights=False), "GPT2LMHeadModel"),
-    (dict(positions="learned", bias=False, activation="gelu_tanh"), "GPT2LMHeadModel"),
-    (dict(positions="alibi", bias=False), "MptForCausalLM"),
-])
-def test_export_loads_in_transformers_with_our_logits_and_ids(tok, tmp_path, shape, architecture):
-    ours = checkpoint(tmp_path / "out", tok, **shape)
-    result = cli(export_main, str(tmp_path / "out"), str(tmp_path / "hf"))
-    assert result.returncode == 0, result.stderr
-    theirs, their_tok = reference(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert type(theirs).__name__ == architecture
-    ids = their_tok(TEXT)["input_ids"]
-    assert ids == tok.encode_ordinary(TEXT)
-    idx = torch.tensor([ids[:32]])
+    trained = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=24, n_layer=1, n_head=2, n_embd=16,
+                            positions="learned")).eval()
+    save_checkpoint(tmp_path / "out", trained, tok, {"model": trained.config.to_dict(), "train": {}, "step": 0})
+    idx = torch.tensor([tok.encode_ordinary(TEXT)[:20]])
     with torch.no_grad():
-        expected = ours(idx)[0]
-        assert (theirs(idx).logits - expected).abs().max() <= 1e-4
-        # round trip: the exported folder is a pretrained model for --init-from
-        assert (GPT.from_pretrained(str(tmp_path / "hf"))(idx)[0] - expected).abs().max() <= 1e-5
+        assert torch.equal(GPT.from_pretrained(str(tmp_path / "out"))(idx)[0], trained(idx)[0])
+        shorter = GPT.from_pretrained(str(tmp_path / "out"), block_size=20, dropout=0.1)
+        assert shorter.config.block_size == 20 and shorter.config.dropout == 0.1 and not shorter.training
+        assert torch.equal(shorter(idx)[0], trained(idx)[0])
+    with pytest.raises(ConfigError, match="--block-size 25 is longer than the 24 positions"):
+        GPT.from_pretrained(str(tmp_path / "out"), block_size=25)
+    result = cli(sample_cli(), "--init-from", str(tmp_path / "out"), "--prompt", "The", "--max-new-tokens", "3",
+                 "--seed", "0", "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    # finetuning reads Hugging Face folders only: the message says what reads ours
+    with pytest.raises(CheckpointError, match="is a minigpt checkpoint.*sample.py --out-dir.*minigpt.export"):
+        hf.pretrained_config(str(tmp_path / "out"), {})
 
 
-def test_export_refusals_are_one_line(tok, tmp_path):
-    checkpoint(tmp_path / "alibi", tok, positions="alibi", bias=True)
-    one_line_error(cli(export_main, str(tmp_path / "alibi"), str(tmp_path / "hf")), "--no-bias", "learned")
-    assert not (tmp_path / "hf").exists()
-    checkpoint(tmp_path / "ok", tok, positions="learned")
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "keep.txt").write_text("mine")
-    one_line_error(cli(export_main, str(tmp_path / "ok"), str(tmp_path / "taken")), "--overwrite")
-    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+def test_llama_and_qwen3_folders_other_than_ours_are_refused_naming_the_setting(tmp_path):
+    tok = Tokenizer.train(TEXT * 20, vocab_size=300, progress=False, num_proc=1)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=24, bias=False,
+                          positions="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True)).eval()
+    save_hf_folder(model, tok, tmp_path / "qwen3")
+    config = json.loads((tmp_path / "qwen3" / "config.json").read_text())
+    assert GPT.from_pretrained(str(tmp_path / "qwen3")).config == model.config
+    for change, words in [({"num_key_value_heads": 1}, "grouped-query attention"),
+                          ({"rms_norm_eps": 1e-6}, "norm epsilon of 1e-06"),
+                          ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, "RoPE other than"),
+                          ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE other than"),
+                          ({"intermediate_size": 96}, "intermediate_size=96"),
+                          ({"head_dim": 16}, "head_dim=16"),
+                          ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+                          ({"attention_bias": True}, "biases"),
+                          ({"model_type": "falcon"}, "'falcon'")]:
+        (tmp_path / "qwen3" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError, match=words):
+            GPT.from_pretrained(str(tmp_path / "qwen3"))
 
 
 # --------------------------------------------------------------------------------------------------- int8
