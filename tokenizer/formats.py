@@ -229,6 +229,9 @@ def save_huggingface(tok: "Tokenizer", path: PathLike) -> None:
     The pre-tokenizer is a Sequence: our regex as a ``Split`` (behavior "isolated": every match is a piece),
     then ``ByteLevel`` without its own regex, which only maps bytes to GPT-2's printable characters. The BPE
     model has ``ignore_merges`` on: a piece that is a whole token becomes that token, as in our encoder.
+    Special tokens are in the model's vocab too, under their text (as in GPT-2's file): ``tokenizers`` ignores
+    an added token's "id" and takes the vocab's, or numbers one missing from the vocab after the vocab's last
+    entry, which would move any special token that is not the last id.
     """
     ranks, ids = tok.mergeable_ranks, tok.token_ids
     b2u = bytes_to_unicode()
@@ -236,6 +239,13 @@ def save_huggingface(tok: "Tokenizer", path: PathLike) -> None:
     def show(b: bytes) -> str:
         return "".join(b2u[x] for x in b)
 
+    vocab = {show(b): i for b, i in sorted(ids.items(), key=lambda kv: kv[1])}
+    clash = next((s for s in tok.special_tokens if s in vocab), None)
+    if clash is not None:
+        raise TokenizerError(f"the special token {clash!r} is written like the ordinary token of id {vocab[clash]} "
+                             f"in a tokenizer.json's vocab, so tokenizers would confuse them; rename the special "
+                             f"token, or save() the tokenizer as our JSON")
+    vocab.update(tok.special_tokens)
     doc = {
         "version": "1.0",
         "truncation": None,
@@ -256,7 +266,7 @@ def save_huggingface(tok: "Tokenizer", path: PathLike) -> None:
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-            "vocab": {show(b): i for b, i in sorted(ids.items(), key=lambda kv: kv[1])},
+            "vocab": vocab,
             "merges": [f"{show(a)} {show(b)}" for a, b in derive_merges(ranks)],
         },
     }
@@ -314,14 +324,24 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[bytes, int]
         raise TokenizerError(f"{path} uses {', '.join(unsupported)}, which byte-level BPE as GPT-2 does it has "
                              f"not; only GPT-2-style tokenizers can be read")
     pattern = _pattern_of(doc.get("pre_tokenizer"), path)
+    vocab = model["vocab"]
     specials = {}
     for added in doc.get("added_tokens") or []:
         try:
-            specials[str(added["content"])] = int(added["id"])
+            content, declared = str(added["content"]), int(added["id"])
         except (KeyError, TypeError, ValueError):
             raise TokenizerError(f"{path} has a malformed added_tokens entry {added!r}") from None
+        # tokenizers ignores the declared id: it takes the vocab's, or numbers a token missing from the vocab
+        # after the vocab's entries (what minigpt's exports before the fix did wrong: refuse rather than guess)
+        in_vocab = content in vocab
+        given = vocab[content] if in_vocab else len(vocab) + sum(1 for s in specials if s not in vocab)
+        if given != declared:
+            raise TokenizerError(f"{path} declares the added token {content!r} as id {declared}, but tokenizers "
+                                 f"gives it id {given} ({'its vocab entry' if in_vocab else 'it is not in the vocab'})"
+                                 f"; the file contradicts itself: write it again from the tokenizer it came from")
+        specials[content] = declared
     merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges") or []]
-    return _byte_level_vocab(model["vocab"], merges, specials, pattern, path)
+    return _byte_level_vocab(vocab, merges, specials, pattern, path)
 
 
 def _pattern_of(pre: object, path: Path) -> str:
