@@ -82,6 +82,8 @@ def test_ids_not_in_merge_order_are_kept_apart_from_ranks(hf_folder, tmp_path):
     assert again.encode(texts()[0], add_special_tokens=False).ids == ours.encode_ordinary(texts()[0])
     with pytest.raises(TokenizerError, match="tiktoken rank file cannot express"):
         ours.save_tiktoken(tmp_path / "ranks.tiktoken")
+    with pytest.raises(TokenizerError, match="tiktoken's mergeable_ranks cannot express"):
+        ours._mergeable_ranks  # noqa: B018  (tiktoken's name; it would give other ids)
 
 
 def test_our_export_reads_back_as_the_same_tokenizer(tmp_path):
@@ -206,3 +208,15 @@ def test_a_special_token_written_like_an_ordinary_one_is_refused(tmp_path):
     with pytest.raises(TokenizerError, match="special token 'ab' is written like the ordinary token of id 256"):
         tok.save_huggingface(tmp_path / "tokenizer.json")
     assert not (tmp_path / "tokenizer.json").exists()
+
+
+def test_our_own_files_and_checkpoint_folders_are_read_too(tmp_path):
+    """from_huggingface on a minigpt checkpoint folder (its tokenizer.json is ours) reads it; load reads
+    Hugging Face's tokenizer.json."""
+    tok = Tokenizer.train("\n".join(corpus())[:50_000], vocab_size=400, progress=False, num_proc=1)
+    (tmp_path / "checkpoint").mkdir()
+    tok.save(tmp_path / "checkpoint" / "tokenizer.json")
+    assert Tokenizer.from_huggingface(tmp_path / "checkpoint") == tok
+    assert Tokenizer.from_huggingface(tmp_path / "checkpoint" / "tokenizer.json") == tok
+    tok.save_huggingface(tmp_path / "hf.json")
+    assert Tokenizer.load(tmp_path / "hf.json") == tok

@@ -102,9 +102,8 @@ def save_json(tok: "Tokenizer", path: PathLike) -> None:
     atomic_write(path, json.dumps(doc, ensure_ascii=False, indent=0) + "\n")
 
 
-def load_json(path: PathLike) -> "Tokenizer":
-    from .tokenizer import Tokenizer
-
+def load_json(path: PathLike, name: str | None = None) -> "Tokenizer":
+    """Our JSON file; a Hugging Face ``tokenizer.json`` is read as :func:`load_huggingface` reads it."""
     raw = _read_bytes(path, "tokenizer")
     hint = "re-create it with `python -m tokenizer train` or Tokenizer.save()"
     try:
@@ -115,8 +114,18 @@ def load_json(path: PathLike) -> "Tokenizer":
                                  f"Tokenizer.from_tiktoken({str(path)!r}, pattern=..., special_tokens=...) and "
                                  f"save() it as JSON") from None
         raise TokenizerError(f"{path} is not a valid tokenizer JSON file ({e}); {hint}") from None
+    name = name or Path(path).stem
+    if _is_huggingface(doc):
+        return _tokenizer(*_from_tokenizer_json(doc, Path(path)), name)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise TokenizerError(f"{path} is not a minigpt tokenizer file (no \"format\": \"{FORMAT}\"); {hint}")
+        raise TokenizerError(f"{path} is not a minigpt tokenizer file (no \"format\": \"{FORMAT}\") nor a Hugging "
+                             f"Face tokenizer.json; {hint}")
+    return _from_minigpt_json(doc, path, name, hint)
+
+
+def _from_minigpt_json(doc: dict, path: PathLike, name: str, hint: str) -> "Tokenizer":
+    from .tokenizer import Tokenizer
+
     if doc.get("version") != VERSION:
         raise TokenizerError(f"{path} has tokenizer format version {doc.get('version')!r}; this code reads "
                              f"version {VERSION}; upgrade minigpt or {hint}")
@@ -134,7 +143,7 @@ def load_json(path: PathLike) -> "Tokenizer":
         raise TokenizerError(f"{path} is a corrupt tokenizer file ({type(e).__name__}: {e}); {hint}") from None
     if len(ranks) != len(doc["tokens"]):
         raise TokenizerError(f"{path} is a corrupt tokenizer file (duplicate tokens); {hint}")
-    tok = Tokenizer(ranks, pattern, specials, ids)
+    tok = Tokenizer(ranks, pattern, specials, ids, name=name)
     if tok.checksum != checksum:
         raise TokenizerError(f"{path} is corrupt: its checksum does not match its contents; {hint}")
     return tok
@@ -280,15 +289,18 @@ HF_VOCAB_FILE = "vocab.json"
 HF_MERGES_FILE = "merges.txt"
 
 
-def read_huggingface(path: PathLike) -> tuple[dict[bytes, int], dict[bytes, int], str, dict[str, int]]:
+def load_huggingface(path: PathLike, name: str | None = None) -> "Tokenizer":
     """Read a byte-level BPE tokenizer in Hugging Face form: a folder (its ``tokenizer.json``, else its
     ``vocab.json`` + ``merges.txt``), a ``tokenizer.json`` file, or a ``vocab.json`` with ``merges.txt`` beside it.
+    Our own ``tokenizer.json`` (a minigpt checkpoint's) is read too. ``name`` defaults to the folder's name or the
+    file's stem.
 
-    Returns (ranks, ids, pattern, special_tokens): ``ranks`` orders the tokens by the merge that makes them (the
-    merge list's order, which is what BPE follows), ``ids`` numbers them as the file does. Tokens are stored
-    there in GPT-2's printable stand-in characters (:func:`bytes_to_unicode`), not as bytes.
+    The tokenizer's ranks order the tokens by the merge that makes them (the merge list's order, which is what BPE
+    follows); its ids number them as the file does, as ``tokenizers`` does. Tokens are stored there in GPT-2's
+    printable stand-in characters (:func:`bytes_to_unicode`), not as bytes.
     """
     path = Path(path)
+    name = name or (path.resolve().name if path.is_dir() else path.stem)
     if path.is_dir():
         if (path / HF_TOKENIZER_FILE).is_file():
             path = path / HF_TOKENIZER_FILE
@@ -298,8 +310,22 @@ def read_huggingface(path: PathLike) -> tuple[dict[bytes, int], dict[bytes, int]
             raise TokenizerError(f"{path} has no {HF_TOKENIZER_FILE} and no {HF_VOCAB_FILE} + {HF_MERGES_FILE}; "
                                  f"give the folder of a Hugging Face byte-level BPE tokenizer")
     if path.name == HF_VOCAB_FILE:
-        return _read_vocab_merges(path, path.with_name(HF_MERGES_FILE))
-    return _read_tokenizer_json(path)
+        return _tokenizer(*_read_vocab_merges(path, path.with_name(HF_MERGES_FILE)), name)
+    doc = _read_json_file(path, "tokenizer.json")
+    if isinstance(doc, dict) and doc.get("format") == FORMAT:  # ours, e.g. in a minigpt checkpoint folder
+        return _from_minigpt_json(doc, path, name, "save it again with Tokenizer.save()")
+    return _tokenizer(*_from_tokenizer_json(doc, path), name)
+
+
+def _tokenizer(ranks: dict[bytes, int], ids: dict[bytes, int], pattern: str, specials: dict[str, int],
+               name: str) -> "Tokenizer":
+    from .tokenizer import Tokenizer
+
+    return Tokenizer(ranks, pattern, specials, ids, name=name)
+
+
+def _is_huggingface(doc: object) -> bool:
+    return isinstance(doc, dict) and "format" not in doc and isinstance(doc.get("model"), dict)
 
 
 def _read_json_file(path: Path, what: str) -> object:
@@ -309,8 +335,7 @@ def _read_json_file(path: Path, what: str) -> object:
         raise TokenizerError(f"{path} is not valid JSON ({e}); is it a Hugging Face {what} file?") from None
 
 
-def _read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[bytes, int], str, dict[str, int]]:
-    doc = _read_json_file(path, "tokenizer.json")
+def _from_tokenizer_json(doc: object, path: Path) -> tuple[dict[bytes, int], dict[bytes, int], str, dict[str, int]]:
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise TokenizerError(f"{path} is not a BPE tokenizer.json (model type "
