@@ -170,3 +170,24 @@ def test_inputs_as_train_py_reads_them_folders_errors_and_home(workdir):
     assert r.returncode == 0 and r.stdout.split() == [str(i) for i in tok.encode(text)], r.stderr
     r = cli("info", "-t", "~/folder.json", "--file", "~/corpus", "--errors", "ignore", "--top", "0", cwd=workdir)
     assert r.returncode == 0 and "longest tokens (0):" in r.stdout and "compression" in r.stdout, r.stderr
+
+
+def test_a_hugging_face_tokenizer_file_or_folder_is_read(workdir):
+    """-t takes a Hugging Face tokenizer.json (here one trained by `tokenizers`, <|endoftext|> = 0) or its folder,
+    and gives the ids `tokenizers` gives."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = ByteLevelBPETokenizer()
+    hf.train_from_iterator([(workdir / "a.txt").read_text(encoding="utf-8")], vocab_size=400,
+                           special_tokens=["<|endoftext|>"], show_progress=False)
+    (workdir / "hf").mkdir(exist_ok=True)
+    hf.save(str(workdir / "hf" / "tokenizer.json"))
+    text = "def f(x):\n    return 'Grüße' 😀<|endoftext|>"
+    expected = HFTokenizer.from_file(str(workdir / "hf" / "tokenizer.json")).encode(text).ids
+    for path in ("hf/tokenizer.json", "hf"):
+        r = cli("encode", "-t", path, "--allowed-special", "all", text, cwd=workdir)
+        assert r.returncode == 0, r.stderr
+        assert [int(x) for x in r.stdout.split()] == expected
+    r = cli("decode", "-t", "hf", *map(str, expected), cwd=workdir)
+    assert r.returncode == 0 and r.stdout == text, r.stderr

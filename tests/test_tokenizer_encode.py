@@ -101,8 +101,10 @@ def test_special_tokens_follow_tiktoken(ours, reference):
         ours.encode(text)
     message = str(err.value)
     assert "<|endoftext|>" in message and "allowed_special" in message and "encode_ordinary" in message
-    with pytest.raises(TokenizerError, match="unknown special"):
-        ours.encode("x", allowed_special={"<|nope|>"})
+    # A name that is no special token is ignored, as in tiktoken: the special token in the text is still refused.
+    assert ours.encode("x", allowed_special={"<|nope|>"}) == reference.encode("x", allowed_special={"<|nope|>"})
+    with pytest.raises(TokenizerError, match="endoftext"):
+        ours.encode("<|endoftext|>", allowed_special={"<|endoftxt|>"})
 
 
 def test_long_pieces_are_fast_and_exact(ours, reference):
@@ -128,8 +130,10 @@ def test_long_merge_equals_simple_merge(ours, small, which):
         assert _merge_long(piece, ranks, max(map(len, ranks))) == _merge_short(piece, ranks)
 
 
+# Assigned characters only: for characters newer than this Python's Unicode tables (e.g. U+18E00) `regex` and
+# tiktoken's Rust engine disagree on what is a letter, so no Python encoder can match tiktoken there.
 @settings(max_examples=200, deadline=None)
-@given(st.text())
+@given(st.text(alphabet=st.characters(exclude_categories=["Cn", "Cs"])))
 def test_round_trip_and_tiktoken_agreement_on_random_unicode(ours, reference, text):
     for pattern in (GPT2_PATTERN, GPT4_PATTERN):
         assert regex.findall(fast_equivalent(pattern), text) == regex.findall(pattern, text)

@@ -102,9 +102,8 @@ def save_json(tok: "Tokenizer", path: PathLike) -> None:
     atomic_write(path, json.dumps(doc, ensure_ascii=False, indent=0) + "\n")
 
 
-def load_json(path: PathLike) -> "Tokenizer":
-    from .tokenizer import Tokenizer
-
+def load_json(path: PathLike, name: str | None = None) -> "Tokenizer":
+    """Our JSON file; a Hugging Face ``tokenizer.json`` is read as :func:`load_huggingface` reads it."""
     raw = _read_bytes(path, "tokenizer")
     hint = "re-create it with `python -m tokenizer train` or Tokenizer.save()"
     try:
@@ -115,8 +114,18 @@ def load_json(path: PathLike) -> "Tokenizer":
                                  f"Tokenizer.from_tiktoken({str(path)!r}, pattern=..., special_tokens=...) and "
                                  f"save() it as JSON") from None
         raise TokenizerError(f"{path} is not a valid tokenizer JSON file ({e}); {hint}") from None
+    name = name or Path(path).stem
+    if _is_huggingface(doc):
+        return _tokenizer(*_from_tokenizer_json(doc, Path(path)), name)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise TokenizerError(f"{path} is not a minigpt tokenizer file (no \"format\": \"{FORMAT}\"); {hint}")
+        raise TokenizerError(f"{path} is not a minigpt tokenizer file (no \"format\": \"{FORMAT}\") nor a Hugging "
+                             f"Face tokenizer.json; {hint}")
+    return _from_minigpt_json(doc, path, name, hint)
+
+
+def _from_minigpt_json(doc: dict, path: PathLike, name: str, hint: str) -> "Tokenizer":
+    from .tokenizer import Tokenizer
+
     if doc.get("version") != VERSION:
         raise TokenizerError(f"{path} has tokenizer format version {doc.get('version')!r}; this code reads "
                              f"version {VERSION}; upgrade minigpt or {hint}")
@@ -134,7 +143,7 @@ def load_json(path: PathLike) -> "Tokenizer":
         raise TokenizerError(f"{path} is a corrupt tokenizer file ({type(e).__name__}: {e}); {hint}") from None
     if len(ranks) != len(doc["tokens"]):
         raise TokenizerError(f"{path} is a corrupt tokenizer file (duplicate tokens); {hint}")
-    tok = Tokenizer(ranks, pattern, specials, ids)
+    tok = Tokenizer(ranks, pattern, specials, ids, name=name)
     if tok.checksum != checksum:
         raise TokenizerError(f"{path} is corrupt: its checksum does not match its contents; {hint}")
     return tok
@@ -229,6 +238,9 @@ def save_huggingface(tok: "Tokenizer", path: PathLike) -> None:
     The pre-tokenizer is a Sequence: our regex as a ``Split`` (behavior "isolated": every match is a piece),
     then ``ByteLevel`` without its own regex, which only maps bytes to GPT-2's printable characters. The BPE
     model has ``ignore_merges`` on: a piece that is a whole token becomes that token, as in our encoder.
+    Special tokens are in the model's vocab too, under their text (as in GPT-2's file): ``tokenizers`` ignores
+    an added token's "id" and takes the vocab's, or numbers one missing from the vocab after the vocab's last
+    entry, which would move any special token that is not the last id.
     """
     ranks, ids = tok.mergeable_ranks, tok.token_ids
     b2u = bytes_to_unicode()
@@ -236,6 +248,13 @@ def save_huggingface(tok: "Tokenizer", path: PathLike) -> None:
     def show(b: bytes) -> str:
         return "".join(b2u[x] for x in b)
 
+    vocab = {show(b): i for b, i in sorted(ids.items(), key=lambda kv: kv[1])}
+    clash = next((s for s in tok.special_tokens if s in vocab), None)
+    if clash is not None:
+        raise TokenizerError(f"the special token {clash!r} is written like the ordinary token of id {vocab[clash]} "
+                             f"in a tokenizer.json's vocab, so tokenizers would confuse them; rename the special "
+                             f"token, or save() the tokenizer as our JSON")
+    vocab.update(tok.special_tokens)
     doc = {
         "version": "1.0",
         "truncation": None,
@@ -256,7 +275,7 @@ def save_huggingface(tok: "Tokenizer", path: PathLike) -> None:
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-            "vocab": {show(b): i for b, i in sorted(ids.items(), key=lambda kv: kv[1])},
+            "vocab": vocab,
             "merges": [f"{show(a)} {show(b)}" for a, b in derive_merges(ranks)],
         },
     }
@@ -270,15 +289,18 @@ HF_VOCAB_FILE = "vocab.json"
 HF_MERGES_FILE = "merges.txt"
 
 
-def read_huggingface(path: PathLike) -> tuple[dict[bytes, int], dict[bytes, int], str, dict[str, int]]:
+def load_huggingface(path: PathLike, name: str | None = None) -> "Tokenizer":
     """Read a byte-level BPE tokenizer in Hugging Face form: a folder (its ``tokenizer.json``, else its
     ``vocab.json`` + ``merges.txt``), a ``tokenizer.json`` file, or a ``vocab.json`` with ``merges.txt`` beside it.
+    Our own ``tokenizer.json`` (a minigpt checkpoint's) is read too. ``name`` defaults to the folder's name or the
+    file's stem.
 
-    Returns (ranks, ids, pattern, special_tokens): ``ranks`` orders the tokens by the merge that makes them (the
-    merge list's order, which is what BPE follows), ``ids`` numbers them as the file does. Tokens are stored
-    there in GPT-2's printable stand-in characters (:func:`bytes_to_unicode`), not as bytes.
+    The tokenizer's ranks order the tokens by the merge that makes them (the merge list's order, which is what BPE
+    follows); its ids number them as the file does, as ``tokenizers`` does. Tokens are stored there in GPT-2's
+    printable stand-in characters (:func:`bytes_to_unicode`), not as bytes.
     """
     path = Path(path)
+    name = name or (path.resolve().name if path.is_dir() else path.stem)
     if path.is_dir():
         if (path / HF_TOKENIZER_FILE).is_file():
             path = path / HF_TOKENIZER_FILE
@@ -288,8 +310,22 @@ def read_huggingface(path: PathLike) -> tuple[dict[bytes, int], dict[bytes, int]
             raise TokenizerError(f"{path} has no {HF_TOKENIZER_FILE} and no {HF_VOCAB_FILE} + {HF_MERGES_FILE}; "
                                  f"give the folder of a Hugging Face byte-level BPE tokenizer")
     if path.name == HF_VOCAB_FILE:
-        return _read_vocab_merges(path, path.with_name(HF_MERGES_FILE))
-    return _read_tokenizer_json(path)
+        return _tokenizer(*_read_vocab_merges(path, path.with_name(HF_MERGES_FILE)), name)
+    doc = _read_json_file(path, "tokenizer.json")
+    if isinstance(doc, dict) and doc.get("format") == FORMAT:  # ours, e.g. in a minigpt checkpoint folder
+        return _from_minigpt_json(doc, path, name, "save it again with Tokenizer.save()")
+    return _tokenizer(*_from_tokenizer_json(doc, path), name)
+
+
+def _tokenizer(ranks: dict[bytes, int], ids: dict[bytes, int], pattern: str, specials: dict[str, int],
+               name: str) -> "Tokenizer":
+    from .tokenizer import Tokenizer
+
+    return Tokenizer(ranks, pattern, specials, ids, name=name)
+
+
+def _is_huggingface(doc: object) -> bool:
+    return isinstance(doc, dict) and "format" not in doc and isinstance(doc.get("model"), dict)
 
 
 def _read_json_file(path: Path, what: str) -> object:
@@ -299,8 +335,7 @@ def _read_json_file(path: Path, what: str) -> object:
         raise TokenizerError(f"{path} is not valid JSON ({e}); is it a Hugging Face {what} file?") from None
 
 
-def _read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[bytes, int], str, dict[str, int]]:
-    doc = _read_json_file(path, "tokenizer.json")
+def _from_tokenizer_json(doc: object, path: Path) -> tuple[dict[bytes, int], dict[bytes, int], str, dict[str, int]]:
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise TokenizerError(f"{path} is not a BPE tokenizer.json (model type "
@@ -314,14 +349,24 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[bytes, int]
         raise TokenizerError(f"{path} uses {', '.join(unsupported)}, which byte-level BPE as GPT-2 does it has "
                              f"not; only GPT-2-style tokenizers can be read")
     pattern = _pattern_of(doc.get("pre_tokenizer"), path)
+    vocab = model["vocab"]
     specials = {}
     for added in doc.get("added_tokens") or []:
         try:
-            specials[str(added["content"])] = int(added["id"])
+            content, declared = str(added["content"]), int(added["id"])
         except (KeyError, TypeError, ValueError):
             raise TokenizerError(f"{path} has a malformed added_tokens entry {added!r}") from None
+        # tokenizers ignores the declared id: it takes the vocab's, or numbers a token missing from the vocab
+        # after the vocab's entries (what minigpt's exports before the fix did wrong: refuse rather than guess)
+        in_vocab = content in vocab
+        given = vocab[content] if in_vocab else len(vocab) + sum(1 for s in specials if s not in vocab)
+        if given != declared:
+            raise TokenizerError(f"{path} declares the added token {content!r} as id {declared}, but tokenizers "
+                                 f"gives it id {given} ({'its vocab entry' if in_vocab else 'it is not in the vocab'})"
+                                 f"; the file contradicts itself: write it again from the tokenizer it came from")
+        specials[content] = declared
     merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges") or []]
-    return _byte_level_vocab(model["vocab"], merges, specials, pattern, path)
+    return _byte_level_vocab(vocab, merges, specials, pattern, path)
 
 
 def _pattern_of(pre: object, path: Path) -> str:
