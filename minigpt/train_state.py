@@ -12,7 +12,7 @@ saved), no prepared-data folder. 2 adds those three.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from .checkpoint import BEST_DIR, read_config, read_train_state, set_rng_state
 from .config import GPTConfig
 from .device import autocast_dtype
 from .errors import CheckpointError, ConfigError
+from .stopping import EarlyStopping
 
 if TYPE_CHECKING:
     from .trainer import _Run
@@ -96,6 +97,13 @@ class TrainState:
                    prepared_data=str(Path(run.data.dir).resolve()),
                    loaders=[s for loaders, _, _ in per_rank for s in loaders], rng=[j for _, j, _ in per_rank],
                    rng_tensors={f"rng.{r}.{k}": v for r, (_, _, ts) in enumerate(per_rank) for k, v in ts.items()})
+
+    def early_stopping_under(self, patience: int | None, min_delta: float = 0.0) -> EarlyStopping:
+        """The saved early-stopping counter under `patience` (a resume may give a larger one)."""
+        stopper = EarlyStopping(patience, min_delta)
+        if self.early_stopping is not None:
+            stopper.load_state_dict(self.early_stopping)
+        return stopper
 
     def same_layout(self, world_size: int, grad_accum: int) -> bool:
         """Whether the saved loaders and RNG streams are those of `world_size` processes × `grad_accum`."""

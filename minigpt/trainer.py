@@ -96,10 +96,7 @@ def next_step_hint(out: Path) -> str:
         config, state = read_config(out), TrainState.read(out)
     except CheckpointError:
         return f"{resume_command(out)} --max-iters N"
-    patience = config.get("train", {}).get("patience")
-    stopper = EarlyStopping(patience)
-    if state.early_stopping is not None:
-        stopper.load_state_dict(state.early_stopping)
+    stopper = state.early_stopping_under(config.get("train", {}).get("patience"))
     if stopper.should_stop:  # it stopped early: more steps would not be taken
         return f"{resume_command(out)} --patience N (N > {stopper.bad_evals})"
     return f"{resume_command(out)} --max-iters N"
@@ -227,7 +224,7 @@ class _Run:
         cfg, out = self.cfg, self.out
         saved_budget = saved.get("train", {}).get("max_time")
         finished = state.step >= cfg.max_iters
-        if cfg.max_time != saved_budget and (finished or state.planned_iters is not None):
+        if cfg.max_time not in (None, saved_budget) and (finished or state.planned_iters is not None):
             fixed = (f"its time budget ({saved_budget}) fixed its step count at {state.planned_iters} when it began"
                      if state.planned_iters is not None else f"it is already at step {state.step} of --max-iters "
                      f"{cfg.max_iters}")
@@ -238,9 +235,7 @@ class _Run:
             self.say(f"the run in {out} is already at step {state.step} of --max-iters {cfg.max_iters}: nothing to "
                      f"do; give a larger --max-iters to train it further")
             return True
-        stopper = EarlyStopping(cfg.patience, cfg.min_delta)
-        if state.early_stopping is not None:
-            stopper.load_state_dict(state.early_stopping)
+        stopper = state.early_stopping_under(cfg.patience, cfg.min_delta)
         if stopper.should_stop:
             self.say(f"the run in {out} stopped early at step {state.step}: its validation loss has not improved on "
                      f"{stopper.best:.4f} (step {stopper.best_step}) for {stopper.bad_evals} evaluations "
@@ -269,8 +264,8 @@ class _Run:
                 cached = _prepared_by(resume_config.get("tokenizer_checksum"), state.prepared_data, Path(data_dir))
                 if cached is None:
                     raise
-                self.say(f"note: the corpus cannot be read ({gone}); resuming on the tokens prepared from it in "
-                         f"{cached.dir}")
+                self.say(f"note: the corpus cannot be read ({str(gone).split(';')[0]}); resuming on the tokens "
+                         f"prepared from it in {cached.dir}")
                 return cached
         return prepare_data(cfg.data, data_dir, dataset=cfg.dataset,
                             dataset_config=cfg.dataset_config, text_field=cfg.text_field, errors=cfg.errors,
@@ -331,7 +326,6 @@ class _Run:
             self._evaluate()
             if self.budget is not None:
                 self._foresee_budget()
-                bar.total = schedule.max_iters
         restore_signals = self._catch_stop_signals()
         step_time = None
         try:
