@@ -400,9 +400,9 @@ class _Run:
                               cfg.eval_interval)
         if schedule.warmup_iters >= expected:
             schedule.warmup_iters = expected // 10
-            self.say(f"time budget {cfg.max_time}: about {expected} steps expected (guessed from the first "
-                     f"evaluation), no more than --warmup-iters {cfg.warmup_iters}: the warmup is shortened to "
-                     f"{schedule.warmup_iters} steps")
+            self.say(f"time budget {cfg.max_time}: about {expected} step{'s' * (expected != 1)} expected (guessed "
+                     f"from the first evaluation), no more than --warmup-iters {cfg.warmup_iters}: the warmup is "
+                     f"shortened to {schedule.warmup_iters} steps")
 
     def _fix_step_count(self, eval_s: float | None = None) -> None:
         """--max-time: the first steps, an evaluation and a save are timed; fix max_iters for the whole run. Called
@@ -411,7 +411,7 @@ class _Run:
         first = not budget.planned
         steps = int(self.world.from_main(budget.plan(self.step, cfg.eval_interval, eval_s), self.device))
         budget.commit(self.step, steps)
-        warmup = schedule.warmup_iters
+        warmup = before = schedule.warmup_iters  # (shortened before training if the guess said so)
         if first and warmup >= steps:  # else the rate would never decay
             warmup = steps // 10
         schedule.max_iters, schedule.warmup_iters = steps, warmup  # saved with every checkpoint from now on
@@ -421,7 +421,7 @@ class _Run:
                        "eval_save_s": budget.eval_s})
         if not first:
             return  # a correction is in metrics.jsonl; the progress bar shows the new total
-        shortened = f"; --warmup-iters {cfg.warmup_iters} shortened to {warmup}" if warmup != cfg.warmup_iters else ""
+        shortened = f"; --warmup-iters {cfg.warmup_iters} shortened to {warmup}" if warmup != before else ""
         self.say(f"time budget {cfg.max_time}: {budget.step_s * 1e3:.1f} ms per step and {eval_s:.2f} s per "
                  f"evaluation + save leave time for {steps} steps in all{shortened}")
 

@@ -293,7 +293,10 @@ def test_a_budget_shortens_a_long_warmup_before_training(tmp_path, corpus, capsy
     assert shortened and said.find(shortened[0]) < said.find("leave time for"), said
     warmup = int(shortened[2])
     assert records(out, "train")[0]["lr"] == pytest.approx(3e-3 / warmup)  # the first step already follows it
-    assert read_config(out)["train"]["warmup_iters"] <= warmup
+    final = read_config(out)["train"]["warmup_iters"]
+    assert final <= warmup
+    (plan_line,) = [line for line in said.splitlines() if "leave time for" in line]
+    assert ("shortened" in plan_line) == (final != warmup)  # the plan says only what it changed itself
 
 
 @pytest.mark.parametrize("budget, message", [("0.5s", "max_time 0.5s is too short to plan a run in"),
