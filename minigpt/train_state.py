@@ -11,12 +11,17 @@ saved), no prepared-data folder. 2 adds those three.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from data.errors import DataError
+from data.prepare import META_FILE, PreparedData, load_prepared
 
 from .checkpoint import BEST_DIR, read_config, read_train_state, set_rng_state
 from .config import GPTConfig
@@ -105,6 +110,22 @@ class TrainState:
             stopper.load_state_dict(self.early_stopping)
         return stopper
 
+    def prepared_tokens(self, checksum: str | None, data_dir: Path) -> PreparedData | None:
+        """The tokens this run trained on, made by the tokenizer with `checksum`, for a resume whose corpus is
+        gone: the folder recorded, or one of its name in `data_dir` (the run was moved), or (a version 1 state
+        recorded none) the only one in `data_dir` that the tokenizer made. None when there is no such folder."""
+        if checksum is None:
+            return None
+        recorded = self.prepared_data
+        candidates = [Path(recorded), data_dir / Path(recorded).name] if recorded else []
+        if not candidates:
+            made_by = [meta.parent for meta in sorted(data_dir.glob(f"*/{META_FILE}")) if _made_by(meta, checksum)]
+            candidates = made_by if len(made_by) == 1 else []
+        for folder in candidates:
+            with contextlib.suppress(DataError, OSError, ValueError):
+                return load_prepared(folder, expected_checksum=checksum)
+        return None
+
     def same_layout(self, world_size: int, grad_accum: int) -> bool:
         """Whether the saved loaders and RNG streams are those of `world_size` processes × `grad_accum`."""
         return (self.world_size, self.grad_accum) == (world_size, grad_accum)
@@ -155,6 +176,13 @@ def _from_version_1(values: dict[str, Any], settings: dict[str, Any], best_dir: 
             "elapsed_s": values.get("elapsed_s", 0.0), "skipped_steps": values.get("skipped_steps", 0),
             "grad_scaler": values.get("grad_scaler") or {}, "early_stopping": values.get("early_stopping"),
             "planned_iters": values.get("planned_iters"), "data_seed": values.get("data_seed")}
+
+
+def _made_by(meta: Path, checksum: str) -> bool:
+    """Whether the prepared-data header `meta` names the tokenizer with `checksum`."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(meta.read_text(encoding="utf-8")).get("tokenizer_checksum") == checksum
+    return False
 
 
 # ------------------------------------------------------------------------------------------------ checks

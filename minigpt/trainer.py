@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from data.errors import DataError
 from data.loader import BatchLoader
 from data.lock import LockHeld, file_lock
-from data.prepare import PreparedData, load_prepared, prepare_data
+from data.prepare import PreparedData, prepare_data
 from data.sources import open_source
 
 from .checkpoint import (BEST_DIR, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state,
@@ -261,7 +261,7 @@ class _Run:
                 open_source(cfg.data, dataset=cfg.dataset, dataset_config=cfg.dataset_config,
                             text_field=cfg.text_field)
             except DataError as gone:
-                cached = _prepared_by(resume_config.get("tokenizer_checksum"), state.prepared_data, Path(data_dir))
+                cached = state.prepared_tokens(resume_config.get("tokenizer_checksum"), Path(data_dir))
                 if cached is None:
                     raise
                 self.say(f"note: the corpus cannot be read ({str(gone).split(';')[0]}); resuming on the tokens "
@@ -597,28 +597,6 @@ def _writer_of(out: Path) -> str | None:
         return held.holder or "starting up"
     except OSError:  # a folder we cannot write to: nobody we can know of
         return None
-
-
-def _prepared_by(checksum: str | None, recorded: str | None, data_dir: Path) -> PreparedData | None:
-    """Prepared tokens made by the tokenizer with `checksum`: in the folder the checkpoint recorded, or one of that
-    name in `data_dir` (the run folder was moved), or else the only one in `data_dir` (a checkpoint that recorded
-    none). None when there is no such folder."""
-    if checksum is None:
-        return None
-    candidates = [Path(recorded), data_dir / Path(recorded).name] if recorded else []
-    if not candidates:
-        made_by = [meta.parent for meta in sorted(data_dir.glob("*/meta.json")) if _made_by(meta, checksum)]
-        candidates = made_by if len(made_by) == 1 else []
-    for folder in candidates:
-        with contextlib.suppress(DataError, OSError, ValueError):
-            return load_prepared(folder, expected_checksum=checksum)
-    return None
-
-
-def _made_by(meta: Path, checksum: str) -> bool:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(meta.read_text(encoding="utf-8")).get("tokenizer_checksum") == checksum
-    return False
 
 
 def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
