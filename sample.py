@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import glob
 import json
+import random
 import sys
 import time
 import warnings
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample only among the k most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample only from the nucleus of mass p, in (0, 1] (default: 1, all)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: a random one)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for reproducible samples (default: a random one, which --json records)")
     p.add_argument("--num-samples", type=int, default=1, help="samples to generate from the prompt")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", type=unescape,
                    help="stop at this text, not printed (may repeat; escapes such as \\n are understood)")
@@ -116,6 +118,10 @@ def main() -> int:
         value = getattr(args, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if "" in args.stop:
+        raise ConfigError('--stop "" would stop before the first token; give the text to stop at, or no --stop')
+    if args.seed is None:  # drawn here, so that --json can record it and any sample can be made again
+        args.seed = random.SystemRandom().randrange(2 ** 31)
 
     import torch  # after the arguments are known to be valid: a typo answers at once
 
@@ -132,8 +138,10 @@ def main() -> int:
     else:
         model, tokenizer, config = load_model(args.out_dir or TrainConfig().out_dir, device)
     if args.quantize:
-        if device.type != "cpu" or amp_dtype is not None:
-            raise ConfigError("--quantize int8 is for CPU inference in float32; add --device cpu (and no --dtype)")
+        if device.type != "cpu":
+            raise ConfigError(f"--quantize int8 is for CPU inference; add --device cpu (the device here is {device})")
+        if amp_dtype is not None:
+            raise ConfigError(f"--quantize int8 runs in float32; leave out --dtype {args.dtype}")
         from minigpt.quantize import quantize_int8
 
         model = quantize_int8(model)
@@ -224,7 +232,7 @@ def generate(args, model, tokenizer, device, autocast) -> int:
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     ids = cap_prompt(ids, model.config)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = []
     for n in range(args.num_samples):
         stream = SampleStream(model, tokenizer, idx, args.max_new_tokens, temperature=args.temperature,

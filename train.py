@@ -31,6 +31,8 @@ DERIVED_MODEL_FIELDS = ("vocab_size",)
 MACHINE_SETTINGS = ("out_dir", "resume", "overwrite", "device", "dtype", "compile", "progress")
 # What --config does not take from a checkpoint's config.json: a new run goes elsewhere, on its own.
 RUN_CONTROL = ("out_dir", "resume", "overwrite")
+# What sets the tokenizer that is trained on the data (or names the one to use instead).
+TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "pattern")
 # What a checkpoint's config.json holds beside the settings.
 CHECKPOINT_KEYS = ("format", "version", "step", "tokenizer_checksum")
 
@@ -80,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 def read_config_file(path: str) -> dict[str, Any]:
     """Settings from a .toml or .json file: flat keys (- or _), or [model] / [train] tables, as in a checkpoint's
     config.json (whose location and run-control settings are left out: a new run goes elsewhere)."""
+    return _read_settings_file(path)[0]
+
+
+def _read_settings_file(path: str) -> tuple[dict[str, Any], bool]:
+    """read_config_file's settings, and whether the file is a checkpoint's config.json (which records every
+    setting, asked for or not)."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -106,6 +114,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     if from_checkpoint:
         values = {k: v for k, v in values.items() if k not in CHECKPOINT_KEYS}
         flat = {k: v for k, v in flat.items() if k not in RUN_CONTROL}
+        if flat.get("init_from"):  # a finetune's tokenizer came with its pretrained model: no settings of its own
+            flat = {k: v for k, v in flat.items() if k not in TOKENIZER_SETTINGS}
     flat.update(values)
     flat = {k.replace("-", "_"): v for k, v in flat.items()}
     known = [f.name for _, f in _settable_fields()]
@@ -114,14 +124,16 @@ def read_config_file(path: str) -> dict[str, Any]:
         named = [k + "".join(f" (did you mean {c}?)" for c in difflib.get_close_matches(k, known, n=1))
                  for k in unknown]
         raise ConfigError(f"unknown setting(s) {', '.join(named)} in {path}; see `python train.py --help`")
-    return flat
+    return flat, from_checkpoint
 
 
 def make_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults < the checkpoint's settings (with --resume) < --config file < flags."""
-    given = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    given = vars(parser.parse_args(_attach_dash_values(parser, sys.argv[1:] if argv is None else argv)))
     config_file = given.pop("config", None)
-    values = read_config_file(config_file) if config_file else {}
+    values, from_checkpoint = _read_settings_file(config_file) if config_file else ({}, False)
+    asked = set(given) | (set() if from_checkpoint else set(values))  # what this command sets on purpose
     values.update(given)
     _say_what_is_ignored(values)
     if values.get("resume"):
@@ -130,8 +142,30 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
     model = {k: v for k, v in values.items() if k in model_names}
     train = {k: v for k, v in values.items() if k not in model_names}
     if train.get("init_from") and not train.get("resume"):
-        return TrainConfig(model=_pretrained_model(train, model), **train)
-    return TrainConfig(model=GPTConfig(**{**TrainConfig().model.to_dict(), **model}), **train)
+        cfg = TrainConfig(model=_pretrained_model(train, model), **train)
+    else:
+        cfg = TrainConfig(model=GPTConfig(**{**TrainConfig().model.to_dict(), **model}), **train)
+    if "decay_fraction" in asked and cfg.lr_schedule != "wsd":
+        raise ConfigError(f"--decay-fraction shapes only --lr-schedule wsd (its last fraction of steps decays); the "
+                          f"schedule here is {cfg.lr_schedule}: add --lr-schedule wsd, or leave --decay-fraction out")
+    return cfg
+
+
+def _attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--max-time -5s` as `--max-time=-5s`: argparse takes a value that starts with "-" for a flag (and stops
+    at "expected one argument"); attached, it reaches the setting's own check, which says what is wrong."""
+    takes_value = {s for a in parser._actions if a.nargs is None and a.option_strings for s in a.option_strings}
+    known = {s for a in parser._actions for s in a.option_strings}
+    out, k = [], 0
+    while k < len(argv):
+        if argv[k] in takes_value and k + 1 < len(argv) and argv[k + 1].startswith("-") and \
+                argv[k + 1].split("=")[0] not in known:
+            out.append(f"{argv[k]}={argv[k + 1]}")
+            k += 2
+        else:
+            out.append(argv[k])
+            k += 1
+    return out
 
 
 def _say_what_is_ignored(values: dict[str, Any]) -> None:
@@ -147,7 +181,7 @@ def _say_what_is_ignored(values: dict[str, Any]) -> None:
 def _pretrained_model(train: dict[str, Any], model: dict[str, Any]) -> GPTConfig:
     """--init-from: the pretrained model's shape, with the few settings a finetune may change (a shorter
     --block-size, --dropout); other model flags must agree with it, and it brings its own tokenizer."""
-    for name in ("tokenizer", "vocab_size", "pattern"):
+    for name in TOKENIZER_SETTINGS:
         if name in train:
             raise ConfigError(f"--{name.replace('_', '-')} contradicts --init-from, which brings its own tokenizer; "
                               f"leave it out")
@@ -158,9 +192,9 @@ def _pretrained_model(train: dict[str, Any], model: dict[str, Any]) -> GPTConfig
 
 def _checkpoint_settings(out_dir: str) -> dict[str, Any]:
     """The settings a checkpoint was trained with (its location and run-control flags excluded)."""
-    from minigpt.checkpoint import read_config  # imports torch: only when resuming
+    from minigpt.trainer import read_resume_config  # imports torch: only when resuming
 
-    saved = read_config(out_dir)
+    saved = read_resume_config(out_dir)
     settings = {k: v for k, v in saved.get("train", {}).items()
                 if k in TrainConfig.__dataclass_fields__ and k not in MACHINE_SETTINGS}
     settings.update({k: v for k, v in saved["model"].items() if k not in DERIVED_MODEL_FIELDS})
@@ -169,13 +203,13 @@ def _checkpoint_settings(out_dir: str) -> dict[str, Any]:
 
 def main() -> int:
     cfg = make_config()
-    from minigpt.trainer import resume_command, train  # torch is imported only once the settings are valid
+    from minigpt.trainer import next_step_hint, train  # torch is imported only once the settings are valid
 
     out = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"\ncheckpoint: {out}/ (best validation loss: {out}/best/)\n"
               f"sample from it: python sample.py --out-dir {shlex.quote(str(out))}\n"
-              f"train it further: {resume_command(out)} --max-iters N")
+              f"train it further: {next_step_hint(out)}")
     return 0
 
 

@@ -31,7 +31,7 @@ run bfloat16 --dtype bfloat16
 run float16 --dtype float16
 run compiled --dtype bfloat16 --compile
 run float16-resumed --dtype float16 --max-iters 75 --lr-decay-iters 150
-python3 train.py --out-dir "$WORK/float16-resumed" --resume --max-iters 150 --no-progress --device cuda \
+python3 train.py --out-dir "$WORK/float16-resumed" --resume --max-iters 150 --no-progress --device cuda --dtype float16 \
     >>"$WORK/float16-resumed.log" 2>&1 || { echo "resume FAILED"; tail -5 "$WORK/float16-resumed.log"; }
 run muon --dtype bfloat16 --optimizer muon
 python3 - "$WORK" <<'EOF'

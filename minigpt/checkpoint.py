@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_weights
 
@@ -54,10 +54,11 @@ STATE_TENSORS_FILE = "train_state.safetensors"
 STATE_JSON_FILE = "train_state.json"
 MANIFEST_FILE = "manifest.json"
 BACKUP_DIR = ".previous"
+BEST_DIR = "best"  # the trainer's copy of the model with the lowest validation loss (weights only)
 MODEL_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE)
 RESUME_FILES = MODEL_FILES + (STATE_TENSORS_FILE, STATE_JSON_FILE)
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_model", "read_config", "load_train_state",
+__all__ = ["CheckpointError", "save_checkpoint", "load_model", "read_config", "load_train_state", "read_train_state",
            "has_checkpoint", "checkpoint_dir", "rng_state", "set_rng_state"]
 
 
@@ -254,6 +255,20 @@ def _load_weights_into(model: torch.nn.Module, path: Path) -> None:
     except (SafetensorError, RuntimeError, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} does not fit the model in {CONFIG_FILE}: {first_line}") from None
+
+
+def read_train_state(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """train_state.json of the resumable checkpoint in `directory`, and its tensors other than the optimizer's
+    (which are left on disk): what a resume decides from before it builds the model."""
+    folder = checkpoint_dir(directory, RESUME_FILES)
+    state = _read_json(folder / STATE_JSON_FILE)
+    try:
+        with safe_open(str(folder / STATE_TENSORS_FILE), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("optimizer.")}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"the training state in {folder} cannot be read ({exc}); start a new run in "
+                              f"another --out-dir") from None
+    return state, tensors
 
 
 def load_train_state(directory: str | Path, model: torch.nn.Module,

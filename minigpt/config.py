@@ -267,7 +267,9 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_time is not None:
-            parse_duration(self.max_time)
+            if parse_duration(self.max_time) < MIN_TIME_BUDGET_S:
+                raise ConfigError(f"max_time {self.max_time} is too short to plan a run in (timed steps, an evaluation "
+                                  f"and a save come first); give at least {MIN_TIME_BUDGET_S:g}s, or --max-iters N")
             if self.lr_decay_iters is not None:
                 raise ConfigError("give max_time or lr_decay_iters, not both: the time budget sets where the "
                                   "schedule ends")
@@ -300,6 +302,7 @@ class TrainConfig:
         return from_dict_strict(cls, values)
 
 
+MIN_TIME_BUDGET_S = 1.0  # a --max-time below this cannot even be measured (see stopping.TimeBudget)
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", re.IGNORECASE)
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from .config import TrainConfig
 from .errors import ConfigError
 
 
@@ -131,6 +133,30 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: i
     if schedule == "cosine":
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
     return lr - max(0.0, progress) * (lr - min_lr)  # linear, and wsd (progress < 0 in its stable phase)
+
+
+@dataclass
+class Schedule:
+    """How many steps the run takes and the learning rate at each: the settings' values, except that a time
+    budget fixes `max_iters` (and may shorten `warmup_iters`) once it has timed the first steps. The trainer reads
+    both from here, never from a rewritten copy of its settings; the checkpoint's config.json records them."""
+
+    max_iters: int
+    warmup_iters: int
+    lr: float
+    min_lr: float
+    decay_iters: int | None = None  # where the decay ends; None: at max_iters
+    kind: str = "cosine"
+    decay_fraction: float = 0.2
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Schedule:
+        return cls(cfg.max_iters, cfg.warmup_iters, cfg.lr, cfg.final_lr, cfg.lr_decay_iters, cfg.lr_schedule,
+                   cfg.decay_fraction)
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.lr, self.min_lr, self.warmup_iters, self.decay_iters or self.max_iters, self.kind,
+                     self.decay_fraction)
 
 
 def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:

@@ -3,10 +3,12 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny tensors: handing them to several threads costs more than the work, and on a busy CI machine
-    oversubscribed OpenMP threads spin (10x slower here). Restored afterwards for other tests."""
+    oversubscribed OpenMP threads spin (10x slower here). For the whole session, so that module-scoped fixtures
+    (set up before any function-scoped one) train on one thread too: a run compared with another must do its
+    float sums in the same order. Restored at the end."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

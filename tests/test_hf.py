@@ -190,6 +190,23 @@ def test_finetune_from_pretrained_crops_positions_and_resumes(gpt2_dir, tmp_path
         assert (model(idx)[0] - reference(tmp_path / "hf")(idx).logits).abs().max() <= 1e-4
 
 
+def test_a_finetunes_config_starts_a_new_run(gpt2_dir, tmp_path):
+    """`train.py --config ft/config.json --out-dir again`: the tokenizer settings a finetune's config.json records
+    are not given ones (its tokenizer is the pretrained model's), so they contradict nothing."""
+    from minigpt.trainer import train
+
+    corpus = write_corpus(tmp_path / "corpus.txt", sentences=400)
+    ft = train_cli.make_config(["--init-from", str(gpt2_dir), "--data", str(corpus), "--out-dir", str(tmp_path / "ft"),
+                                "--block-size", "16", "--batch-size", "2", "--max-iters", "1", "--eval-iters", "1",
+                                "--eval-interval", "1", "--no-progress", "--device", "cpu"])
+    train(ft)
+    again = train_cli.make_config(["--config", str(tmp_path / "ft" / "config.json"), "--out-dir",
+                                   str(tmp_path / "again")])
+    assert (again.init_from, again.tokenizer, again.model) == (str(gpt2_dir), None, ft.model)
+    train(again)
+    assert load_model(tmp_path / "again")[2]["step"] == 1
+
+
 # ------------------------------------------------------------------------------------- our own folders, read back
 def test_from_pretrained_reads_a_minigpt_checkpoint_and_the_hf_paths_say_what_does(tmp_path):
     tok = Tokenizer.train(TEXT * 20, vocab_size=300, progress=False, num_proc=1)

@@ -54,3 +54,33 @@ def test_raw_safetensors_recipe_rebuilds_the_model(checkpoint):
     reference = load_model(checkpoint)[0]
     assert model.state_dict().keys() == reference.state_dict().keys()
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_the_defaults_the_readme_names_are_the_configs():
+    from minigpt.config import TrainConfig
+
+    def default(flag: str) -> str:
+        name, config = flag.replace("-", "_"), TrainConfig()
+        return str(getattr(config.model if hasattr(config.model, name) else config, name))
+
+    text = README.read_text(encoding="utf-8")
+    named = re.findall(r"the default `--([a-z-]+) ([^`]+)`", text) + \
+        re.findall(r"`--([a-z-]+) [^`]+` \(the default is ([^)]+)\)", text)
+    assert named
+    assert [(flag, value) for flag, value in named if default(flag) != value] == []
+
+
+def test_the_default_runs_result_is_the_same_in_the_introduction_and_the_benchmark_table():
+    text = README.read_text(encoding="utf-8")
+    intro = re.search(r"validation loss [0-9.]+ nats/token, ([0-9.]+) bits per byte", text)[1]
+    row = re.search(r"^\| default run `python train.py` \|[^|]*?([0-9.]+) bits per byte", text, re.M)[1]
+    assert intro == row
+
+
+def test_the_cuda_check_resumes_a_run_in_the_precision_it_was_trained_in():
+    script = (README.parent / "bench" / "cuda_check.sh").read_text(encoding="utf-8")
+    trained = dict(re.findall(r"^run ([\w-]+) .*--dtype (\w+)", script, re.M))
+    resumed = re.findall(r'train\.py --out-dir "\$WORK/([\w-]+)" --resume (.*)', script)
+    assert resumed
+    for name, flags in resumed:
+        assert f"--dtype {trained[name]}" in flags, (name, flags)

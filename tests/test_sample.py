@@ -324,3 +324,21 @@ def test_help_shows_the_defaults_and_choices():
     for flag, values in (("--device", DEVICES), ("--dtype", DTYPES)):
         help_text = next(a.help for a in SAMPLE_CLI.build_parser()._actions if flag in a.option_strings)
         assert all(v in help_text for v in values), help_text
+
+
+def test_json_records_the_seed_used_and_that_seed_makes_the_sample_again(run_dir):
+    args = ("--prompt", "naïve", "--max-new-tokens", "12", "--temperature", "1.5", "--num-samples", "2")
+    first = sample_json(run_dir, *args)  # no --seed: one is drawn, and recorded
+    seed = first["settings"]["seed"]
+    assert isinstance(seed, int)
+    again = sample_json(run_dir, *args, "--seed", str(seed))
+    assert [s["text"] for s in again["samples"]] == [s["text"] for s in first["samples"]]
+
+
+def test_an_empty_stop_string_is_refused(run_dir):
+    one_line_error(sample(run_dir, "--stop", ""), '--stop ""')
+
+
+def test_int8_with_a_dtype_names_the_dtype_to_leave_out(run_dir):
+    one_line_error(sample(run_dir, "--quantize", "int8", "--device", "cpu", "--dtype", "bfloat16"),
+                   "--quantize int8 runs in float32; leave out --dtype bfloat16")

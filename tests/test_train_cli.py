@@ -310,3 +310,16 @@ def test_time_budget_from_the_command_line_and_its_resume(setup, tmp_path):
     assert f"already at step {steps} of --max-iters {steps}: nothing to do" in again.stdout
     assert "time budget" not in again.stdout
     assert read_config(tmp_path / "out")["step"] == steps
+
+
+def test_decay_fraction_without_the_wsd_schedule_is_refused(setup, tmp_path):
+    with pytest.raises(ConfigError, match="--decay-fraction shapes only --lr-schedule wsd .* the schedule here is "
+                                          "cosine: add --lr-schedule wsd, or leave --decay-fraction out"):
+        TRAIN_CLI.make_config(["--decay-fraction", "0.3"])
+    (tmp_path / "c.toml").write_text('lr_schedule = "linear"\ndecay_fraction = 0.3\n')
+    with pytest.raises(ConfigError, match="the schedule here is linear"):
+        TRAIN_CLI.make_config(["--config", str(tmp_path / "c.toml")])
+    assert TRAIN_CLI.make_config(["--decay-fraction", "0.3", "--lr-schedule", "wsd"]).decay_fraction == 0.3
+    _, _, out = setup  # a checkpoint's config.json records every setting: its decay_fraction was not asked for
+    assert TRAIN_CLI.make_config(["--config", str(out / "config.json"), "--out-dir", str(tmp_path / "new")]).lr_schedule \
+        == "cosine"

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from minigpt import GPT
 from minigpt.checkpoint import read_config
+from minigpt.errors import ConfigError
 from minigpt.optim import lr_at
 from minigpt.stopping import CORRECT_AT, MEASURE_STEPS, SKIP_STEPS
 from minigpt import trainer
@@ -222,3 +224,86 @@ def test_float16_resume_restores_the_scaler_exactly(tmp_path, corpus, monkeypatc
     assert [[r[k] for k in keys] for r in records(straight, "train")] == \
         [[r[k] for k in keys] for r in records(resumed, "train")]
     assert train_state(straight)["grad_scaler"] == train_state(resumed)["grad_scaler"]
+
+
+# ------------------------------------------------------------------------------------------- issue 17's edges
+def scripted_val_losses(monkeypatch, losses):
+    """Make the evaluations report `losses` as validation losses, one per evaluation (train loss: the same)."""
+    evaluate, calls = trainer.evaluate_loss, iter(loss for loss in losses for _ in ("train", "val"))
+
+    def scripted(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        return {**result, "loss": next(calls)}
+
+    monkeypatch.setattr(trainer, "evaluate_loss", scripted)
+
+
+def test_the_stop_line_names_the_model_in_best(tmp_path, corpus, monkeypatch):
+    """With --min-delta the stopper's reference (4.0) is not the best loss: the stop line gives best/'s."""
+    scripted_val_losses(monkeypatch, [5.0, 4.0, 3.95, 3.9, 3.85])
+    out = train(tiny_config(*corpus, tmp_path / "out", max_iters=20, eval_interval=2, patience=3, min_delta=0.2))
+    (stop,) = records(out, "stop")
+    assert stop["step"] == 8 and (stop["best_val_loss"], stop["best_step"]) == (3.85, 8)
+    assert read_config(out / "best")["step"] == stop["best_step"]
+
+
+def test_resuming_a_stopped_run_says_why_before_preparing_data(stopped, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(stopped[0], out)
+    (stop,) = records(out, "stop")
+    train(tiny_config(tmp_path / "gone.txt", tmp_path / "cache", out, max_iters=200, resume=True, **STOPPING))
+    said = capsys.readouterr().out
+    assert f"the run in {out} stopped early at step {stop['step']}" in said and "nothing to do" in said
+    assert str(out / "best") in said and "--patience above 3" in said
+    assert "reusing" not in said and "preparing" not in said
+    assert trainer.next_step_hint(out).endswith("--patience N (N > 3)")
+    assert trainer.next_step_hint(stopped[0].parent / "nowhere").endswith("--max-iters N")
+
+
+def test_a_new_budget_for_a_finished_run_is_refused(tmp_path, corpus):
+    out = train(tiny_config(*corpus, tmp_path / "out", max_iters=4, eval_interval=4))
+    with pytest.raises(ConfigError, match=r"--max-time 10s cannot apply to the run in .*: it is already at step 4 "
+                                          r"of --max-iters 4.*give a larger --max-iters"):
+        train(tiny_config(*corpus, out, max_iters=4, resume=True, max_time="10s"))
+
+
+def test_a_budget_too_short_to_measure_is_warned_of_before_training(tmp_path, corpus, monkeypatch, capsys):
+    """The step-0 evaluation is made slow: the guess of 22 steps, an evaluation and a save exceeds 1s."""
+    evaluate = trainer.evaluate_loss
+
+    def slow(*args, **kwargs):
+        time.sleep(0.2)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate_loss", slow)
+    train(tiny_config(*corpus, tmp_path / "out", max_time="1s", eval_interval=1000, eval_iters=2, warmup_iters=2))
+    said = capsys.readouterr().out
+    warning = said.find("warning: --max-time 1s is shorter than the first 22 steps, an evaluation and a save")
+    assert 0 <= warning < said.find("time budget 1s: "), said  # before the plan, made after the first steps
+
+
+def test_a_budget_shortens_a_long_warmup_before_training(tmp_path, corpus, capsys):
+    out = train(tiny_config(*corpus, tmp_path / "out", max_time="1s", eval_interval=1000, eval_iters=2,
+                            warmup_iters=100000))
+    said = capsys.readouterr().out
+    shortened = re.search(r"time budget 1s: about (\d+) steps expected \(guessed from the first evaluation\), no "
+                          r"more than --warmup-iters 100000: the warmup is shortened to (\d+) steps", said)
+    assert shortened and said.find(shortened[0]) < said.find("leave time for"), said
+    warmup = int(shortened[2])
+    assert records(out, "train")[0]["lr"] == pytest.approx(3e-3 / warmup)  # the first step already follows it
+    final = read_config(out)["train"]["warmup_iters"]
+    assert final <= warmup
+    (plan_line,) = [line for line in said.splitlines() if "leave time for" in line]
+    assert ("shortened" in plan_line) == (final != warmup)  # the plan says only what it changed itself
+
+
+@pytest.mark.parametrize("budget, message", [("0.5s", "max_time 0.5s is too short to plan a run in"),
+                                             ("-5s", "max_time must be a positive duration")])
+def test_budgets_that_cannot_be_kept_are_refused_in_one_line(budget, message):
+    import train as train_cli
+
+    with pytest.raises(ConfigError) as error:
+        train_cli.make_config(["--max-time", budget])
+    assert message in str(error.value) and "\n" not in str(error.value)
