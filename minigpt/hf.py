@@ -33,6 +33,8 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 HUB_FILES = ["*.safetensors", INDEX_FILE, "config.json", "generation_config.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
+TOKENIZER_HUB_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                       "merges.txt"]
 LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which our model uses
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # names transformers gives the tanh approximation
 
@@ -53,9 +55,10 @@ CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's (in
 
 
 # ------------------------------------------------------------------------------------------------ where
-def resolve(name_or_path: str | os.PathLike) -> Path:
+def resolve(name_or_path: str | os.PathLike, patterns: list[str] = HUB_FILES) -> Path:
     """A local folder as it is; anything else that looks like a hub name ("gpt2", "openai-community/gpt2") is
-    downloaded with huggingface_hub (safetensors, config and tokenizer files only) into its cache."""
+    downloaded with huggingface_hub (the files matching `patterns`: safetensors, config and tokenizer files) into
+    its cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -71,7 +74,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{name} is not a folder, and huggingface_hub (needed to download it) is not "
                               f"installed; `pip install huggingface_hub`, or pass the path of a downloaded folder")
     try:
-        return Path(snapshot_download(repo_id=name, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id=name, allow_patterns=patterns))
     except HFValidationError:
         raise CheckpointError(f"{name} is neither a folder nor a valid hub name; give the folder of a Hugging Face "
                               f"model (config.json + model.safetensors) or a hub name such as gpt2") from None
@@ -260,3 +263,37 @@ def load_tokenizer(name_or_path: str | os.PathLike, vocab_size: int | None = Non
         raise CheckpointError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens but the model's "
                               f"embedding has only {rows} rows; the tokenizer does not belong to this model")
     return tokenizer
+
+
+def open_tokenizer(spec: str | os.PathLike) -> Tokenizer:
+    """--tokenizer: a minigpt tokenizer .json; a Hugging Face byte-level BPE as tokenizer.json, vocab.json (+
+    merges.txt) or their folder (a minigpt checkpoint folder too); or a hub name such as gpt2, of which only the
+    tokenizer files are downloaded."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        name = str(spec)
+        if path.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1 or not name.strip():
+            raise ConfigError(f"no tokenizer file or folder {spec}; give a minigpt tokenizer .json, a Hugging Face "
+                              f"tokenizer.json or folder, or a hub name such as gpt2")
+        try:
+            path = resolve(name, TOKENIZER_HUB_FILES)
+        except CheckpointError as exc:
+            raise ConfigError(f"--tokenizer: {exc}") from None
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.json"
+    try:
+        if path.is_file() and _minigpt_format(path):
+            return Tokenizer.load(path)  # also the one that explains a tiktoken file or a corrupt one
+        return Tokenizer.from_huggingface(path)
+    except TokenizerError as exc:
+        raise ConfigError(f"--tokenizer {spec}: {exc}") from None
+
+
+def _minigpt_format(path: Path) -> bool:
+    """Whether a tokenizer file is minigpt's own JSON (or not JSON at all, which Tokenizer.load explains) rather
+    than a Hugging Face one."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return True
+    return not isinstance(doc, dict) or "format" in doc
