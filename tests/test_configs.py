@@ -1,5 +1,6 @@
 """The presets in configs/ are what `train.py --config` reads: every key is a known setting, flags still override
 them, and each trains."""
+import json
 from pathlib import Path
 
 import pytest
@@ -38,12 +39,23 @@ def test_a_preset_loads_and_changes_only_what_it_names(preset, tmp_path):
     assert not repeated, f"{preset.name} repeats defaults: {repeated}"
 
 
+# What makes any preset train tiny and offline: every shape setting, the data (a local file, no dataset), the
+# tokenizer (one trained on that file) and the tokens per step (which derive grad_accum, as in a real run).
+TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dataset": "", "dataset_config": "",
+        "tokenizer": "", "vocab_size": 300, "val_fraction": 0.1, "batch_size": 4, "total_batch_tokens": 128,
+        "max_iters": 4, "eval_interval": 4, "eval_iters": 1}
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_a_preset_trains(preset, tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", sentences=300)
-    cfg = train_cli.make_config(["--config", str(preset), "--data", str(corpus), "--data-dir", str(tmp_path / "cache"),
-                                 "--out-dir", str(tmp_path / "out"), "--vocab-size", "300", "--n-embd", "32",
-                                 "--block-size", "16", "--max-iters", "4", "--eval-interval", "4", "--eval-iters", "1",
-                                 "--no-progress", "--device", "cpu"])
+    flags = [a for k, v in TINY.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    cfg = train_cli.make_config(["--config", str(preset), *flags, "--data", str(corpus), "--data-dir",
+                                 str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"), "--no-progress",
+                                 "--device", "cpu"])
+    shape = ("n_layer", "n_head", "n_embd", "block_size")
+    assert {k: getattr(cfg.model, k) for k in shape} == {k: TINY[k] for k in shape}
+    assert (cfg.dataset, cfg.dataset_config, cfg.tokenizer) == (None, None, None)
     out = train(cfg)
     assert records(out, "eval")[-1]["step"] == 4
+    assert json.loads((out / "train_state.json").read_text())["grad_accum"] == 2  # 128 / (4 x 16)
