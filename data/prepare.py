@@ -23,10 +23,12 @@ a split reads EOT d0 EOT d1 ...: its documents joined with EOT, and every docume
 which is the prompt for unconditional sampling. A literal "<|endoftext|>" inside a document is encoded as ordinary text.
 
 Memory stays bounded on corpora larger than RAM: documents stream from the source, are encoded in chunks of about
-1 MiB by a pool of processes with at most 2 chunks per process in flight, and are appended to the files as they
-come back. The folder is built under a temporary name and renamed into place only when complete, so an
-interrupted preparation never leaves a folder that looks valid (and the next preparation of the same folder on the
-same machine deletes the temporary folder of one that was killed).
+1 MiB by a pool of processes (one per core, fed by the main process, which reads, splits and writes) with at most
+2 chunks per process in flight, and are appended to the files as they come back; each encoder's piece cache is
+capped (tokenizer.CACHE_LIMIT). The end says the throughput, in MB/s and tokens/s. The folder is built under a
+temporary name and renamed into place only when complete, so an interrupted preparation never leaves a folder
+that looks valid (and the next preparation of the same folder on the same machine deletes the temporary folder of
+one that was killed).
 
 The folder's name holds a fingerprint of everything that decides its content: the corpus (the source's identity:
 file paths, sizes and modification times, or the dataset's name, config, split and field; max_bytes,

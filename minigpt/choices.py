@@ -132,7 +132,8 @@ class ChoiceSet:
     @torch.no_grad()
     def choice_scores(self, model: torch.nn.Module, batch_size: int, device: str | torch.device = "cpu",
                       autocast_dtype: torch.dtype | None = None, progress: bool = False) -> list[list[tuple[float, int]]]:
-        """(summed log-likelihood, number of tokens) of every choice of every item."""
+        """(summed log-likelihood, number of tokens) of every choice of every item; `progress` shows a bar on a
+        terminal."""
         device = torch.device(device)
         scores: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(item.choices) for item in self.items]
         order = sorted(range(len(self.rows)), key=lambda r: -len(self.rows[r].tokens))  # little padding per batch
