@@ -101,7 +101,8 @@ def per_cpu_second(args, tokenizer: str) -> None:
     ids, _ = _encode_docs(docs, np.dtype(np.uint32), tok)
     encoder = time.process_time() - started
     print(f"per CPU-second, on {n_bytes / 1e6:.0f} MB: one encoding process {n_bytes / encoder / 1e6:.2f} MB and "
-          f"{len(ids) / encoder / 1e6:.2f}M tokens; the main process (read, split, chunk, pickle {pickled / 1e6:.0f} MB) "
+          f"{len(ids) / encoder / 1e6:.2f}M tokens; the main process (read, split, chunk, pickle "
+          f"{pickled / 1e6:.0f} MB) "
           f"{n_bytes / max(feeder, 1e-9) / 1e6:.0f} MB, enough for {encoder / max(feeder, 1e-9):.0f} encoders")
 
 

@@ -19,15 +19,16 @@ from pathlib import Path
 import tiktoken_ext
 from tokenizer import GPT4_PATTERN, Tokenizer
 from tokenizer.formats import read_tiktoken
-ranks = {token: rank for token, rank in read_tiktoken(Path(tiktoken_ext.__path__[0]) / "data" / "cl100k_base.tiktoken").items()
-         if rank < 50256}
+cl100k = read_tiktoken(Path(tiktoken_ext.__path__[0]) / "data" / "cl100k_base.tiktoken")
+ranks = {token: rank for token, rank in cl100k.items() if rank < 50256}  # merge order: any prefix is a BPE
 Tokenizer(ranks, GPT4_PATTERN, {"<|endoftext|>": 50256}).save(sys.argv[1])
 EOF
 for mode in eager compile; do
     flag=$([ $mode = compile ] && echo --compile || true)
     python3 train.py --config configs/gpt2-124m.toml --dataset "" --dataset-config "" --tokenizer "$WORK/tok.json" \
         --data-dir "$WORK/data" --out-dir "$WORK/$mode" --overwrite --max-iters 25 --warmup-iters 5 --eval-iters 1 \
-        --device cuda --no-progress $flag "$@" >"$WORK/$mode.log" 2>&1 || { echo "$mode FAILED"; tail -5 "$WORK/$mode.log"; }
+        --device cuda --no-progress $flag "$@" >"$WORK/$mode.log" 2>&1 \
+        || { echo "$mode FAILED"; tail -5 "$WORK/$mode.log"; }
 done
 python3 - "$WORK" <<'EOF'
 import json, statistics, sys

@@ -131,7 +131,8 @@ class ChoiceSet:
 
     @torch.no_grad()
     def choice_scores(self, model: torch.nn.Module, batch_size: int, device: str | torch.device = "cpu",
-                      autocast_dtype: torch.dtype | None = None, progress: bool = False) -> list[list[tuple[float, int]]]:
+                      autocast_dtype: torch.dtype | None = None,
+                      progress: bool = False) -> list[list[tuple[float, int]]]:
         """(summed log-likelihood, number of tokens) of every choice of every item; `progress` shows a bar on a
         terminal."""
         device = torch.device(device)
