@@ -5,6 +5,7 @@
     python sample.py --prompt "def fibonacci(n):"         # streams a continuation
     echo "import os" | python sample.py --prompt -         # prompt from stdin
     python sample.py --eval some_file.py --block-size 512  # loss, perplexity, bits per byte
+    python sample.py --init-from gpt2 --eval-choices hellaswag_val.jsonl   # multiple choice: acc, acc_norm
 
 Only model.safetensors, config.json and tokenizer.json are read (no pickle). Generation stops at max-new-tokens,
 at the end-of-text token, or at a --stop string (not printed).
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the training run's)")
     p.add_argument("--errors", default=None, choices=ERROR_MODES,
                    help="--eval: what to do with invalid UTF-8 in files (default: the training run's)")
+    p.add_argument("--eval-choices", metavar="FILE.jsonl", type=expand_path,
+                   help="instead of sampling: multiple-choice accuracy (acc, acc_norm) on FILE, one item a line: "
+                   "HellaSwag's ctx/endings/label or context/choices/label; --batch-size choices a batch")
+    p.add_argument("--limit", type=int, default=None, help="--eval-choices: the first N items only (default: all)")
     return p
 
 
@@ -114,7 +119,7 @@ def read_text(path: str, what: str) -> str:
 def main() -> int:
     args = build_parser().parse_args()
     for name, low in (("max_new_tokens", 0), ("num_samples", 1), ("block_size", 1), ("batch_size", 1),
-                      ("eval_batches", 1)):
+                      ("eval_batches", 1), ("limit", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
@@ -122,6 +127,12 @@ def main() -> int:
         raise ConfigError('--stop "" would stop before the first token; give the text to stop at, or no --stop')
     if args.seed is None:  # drawn here, so that --json can record it and any sample can be made again
         args.seed = random.SystemRandom().randrange(2 ** 31)
+    if args.eval and args.eval_choices:
+        raise ConfigError("give --eval or --eval-choices, not both")
+    if args.eval_choices:
+        from minigpt.choices import read_items
+
+        items = read_items(args.eval_choices, args.limit)  # a bad line stops here, before a model is loaded
 
     import torch  # after the arguments are known to be valid: a typo answers at once
 
@@ -148,6 +159,8 @@ def main() -> int:
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     if args.eval:
         return evaluate_file(args, model, tokenizer, config, device, autocast)
+    if args.eval_choices:
+        return evaluate_choices(args, items, model, tokenizer, config, device, autocast)
     return generate(args, model, tokenizer, device, autocast)
 
 
@@ -180,6 +193,24 @@ def evaluate_file(args, model, tokenizer, config, device, autocast) -> int:
         print(f"{args.eval}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
               f"bits per byte {result['bits_per_byte']:.4f} ({result['tokens']} tokens scored, "
               f"block size {block_size})")
+    return 0
+
+
+def evaluate_choices(args, items, model, tokenizer, config, device, autocast) -> int:
+    from minigpt.choices import ChoiceSet
+
+    choices = ChoiceSet(items, tokenizer, model.config.block_size)
+    batch_size = args.batch_size or config.get("train", {}).get("batch_size", 16)
+    with autocast:
+        result = choices.score(model, batch_size, device, progress=True)
+    if result["cut"]:
+        print(f"note: {result['cut']} of {result['n']} items were longer than the model's context of "
+              f"{model.config.block_size} tokens; their contexts were cut from the left", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**result, "file": args.eval_choices}))
+    else:
+        print(f"{args.eval_choices}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} ({result['n']} "
+              f"items)")
     return 0
 
 

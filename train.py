@@ -28,7 +28,8 @@ except ModuleNotFoundError:  # Python 3.10: TOML needs 3.11's tomllib; JSON file
 # The model's vocabulary size comes from the tokenizer (--vocab-size sets the tokenizer's).
 DERIVED_MODEL_FIELDS = ("vocab_size",)
 # What --resume does not take from the checkpoint: where and how this run happens, not what it trains.
-MACHINE_SETTINGS = ("out_dir", "resume", "overwrite", "device", "dtype", "compile", "progress")
+MACHINE_SETTINGS = ("out_dir", "resume", "overwrite", "device", "dtype", "compile", "progress", "peak_tflops",
+                    "prepare_only")
 # What --config does not take from a checkpoint's config.json: a new run goes elsewhere, on its own.
 RUN_CONTROL = ("out_dir", "resume", "overwrite")
 # What sets the tokenizer that is trained on the data (or names the one to use instead).
@@ -138,6 +139,10 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
     _say_what_is_ignored(values)
     if values.get("resume"):
         values = {**_checkpoint_settings(values.get("out_dir", TrainConfig().out_dir)), **values}
+    if "grad_accum" in given and values.get("total_batch_tokens") is not None:
+        raise ConfigError(f"--grad-accum {given['grad_accum']} contradicts --total-batch-tokens "
+                          f"{values['total_batch_tokens']} (from the flags, the config file or the checkpoint), which "
+                          f"sets grad_accum; give --total-batch-tokens alone")
     model_names = {f.name for f in fields(GPTConfig)} - set(DERIVED_MODEL_FIELDS)
     model = {k: v for k, v in values.items() if k in model_names}
     train = {k: v for k, v in values.items() if k not in model_names}
@@ -206,7 +211,9 @@ def main() -> int:
     from minigpt.trainer import next_step_hint, train  # torch is imported only once the settings are valid
 
     out = train(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if cfg.prepare_only:
+        print("train on these tokens with the same data settings (and --data-dir), without --prepare-only")
+    elif int(os.environ.get("RANK", 0)) == 0:
         print(f"\ncheckpoint: {out}/ (best validation loss: {out}/best/)\n"
               f"sample from it: python sample.py --out-dir {shlex.quote(str(out))}\n"
               f"train it further: {next_step_hint(out)}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, get_args, get_type_hints
 
 from .errors import ConfigError
@@ -14,7 +14,7 @@ MLPS = ("gelu", "swiglu", "relu2")
 OPTIMIZERS = ("adamw", "muon")
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact (erf) GELU, or GPT-2's tanh approximation (for its pretrained weights)
 # Settings that are paths: `~` is expanded in them, wherever the value comes from (flag, config file, Python).
-PATH_FIELDS = ("data", "data_dir", "tokenizer", "init_from", "out_dir")
+PATH_FIELDS = ("data", "data_dir", "tokenizer", "init_from", "out_dir", "eval_choices")
 
 
 def expand_path(path: str) -> str:
@@ -187,18 +187,20 @@ class TrainConfig:
     dataset_config: str | None = field(default=None, metadata={"help": "Hugging Face dataset configuration"})
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl/.parquet/datasets"})
     errors: str = field(default="strict", metadata={"help": "how to treat undecodable bytes"})
-    tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer .json to use instead of training one"})
+    tokenizer: str | None = field(default=None, metadata={"help": "an existing tokenizer instead of training one: a minigpt tokenizer .json, a Hugging Face tokenizer.json or folder, or a hub name such as gpt2"})
     init_from: str | None = field(default=None, metadata={"help": "finetune a pretrained GPT-2-family model: a Hugging Face folder or hub name (its shape and tokenizer are used)"})
     vocab_size: int = field(default=4096, metadata={"help": "vocabulary size of the tokenizer trained on the data"})
     pattern: str = field(default="gpt4", metadata={"help": "pre-tokenizer split pattern of the tokenizer trained on the data"})
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})
     max_bytes: int | None = field(default=None, metadata={"help": "read at most this many bytes of the corpus"})
     data_dir: str | None = field(default=None, metadata={"help": "token cache folder; default <out-dir>/data"})
+    prepare_only: bool = field(default=False, metadata={"help": "prepare the tokens (and tokenizer) into --data-dir and stop; a run with the same data settings reuses them"})
     # the network
     model: GPTConfig = field(default_factory=_default_model)
     # optimisation
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch (per process)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
+    total_batch_tokens: int | None = field(default=None, metadata={"help": "tokens per optimizer step (all processes); sets grad_accum = N / (batch size x block size x processes), which must divide evenly"})
     max_iters: int = field(default=1500, metadata={"help": "optimizer steps to train for (in total, across resumes); --max-time sets it"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
     min_lr: float | None = field(default=None, metadata={"help": "learning rate at the end of the decay; default --lr / 10"})
@@ -223,6 +225,7 @@ class TrainConfig:
     eval_interval: int = field(default=250, metadata={"help": "evaluate and save a checkpoint every N steps"})
     eval_iters: int = field(default=20, metadata={"help": "batches per evaluation (train and val)"})
     log_interval: int = field(default=10, metadata={"help": "write a metrics line every N steps"})
+    eval_choices: str | None = field(default=None, metadata={"help": "multiple-choice items (.jsonl: HellaSwag's ctx/endings/label, or context/choices/label) scored at every evaluation: acc and acc_norm"})
     patience: int | None = field(default=None, metadata={"help": "early stopping: stop after N evaluations in a row "
                                                                  "without a better validation loss (None = off)"})
     min_delta: float = field(default=0.0, metadata={"help": "early stopping: the validation loss must drop by more "
@@ -234,19 +237,24 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "where to train; auto picks cuda, then mps, then cpu"})
     dtype: str = field(default="auto", metadata={"help": "auto is bfloat16 autocast on CUDA (float16 with loss scaling on GPUs without bfloat16), float32 elsewhere"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    peak_tflops: float | None = field(default=None, metadata={"help": "dense peak TFLOP/s of one device for the MFU (default: from the GPU's name and the dtype; none on CPU)"})
     seed: int = field(default=1337, metadata={"help": "seed for initialisation, dropout and batch sampling"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = GPTConfig.from_dict(self.model)
+        hints = get_type_hints(TrainConfig)
+        for f in fields(self):  # an empty value unsets an optional setting: `--tokenizer ""` trains one after all
+            if getattr(self, f.name) == "" and type(None) in get_args(hints[f.name]):
+                setattr(self, f.name, None)
         for name in PATH_FIELDS:
             if isinstance(getattr(self, name), str):
                 setattr(self, name, expand_path(getattr(self, name)))
         _check_types(self)
         for name in ("vocab_size", "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
             _check_positive(name, getattr(self, name))
-        for name in ("max_bytes", "lr_decay_iters", "patience"):
+        for name in ("max_bytes", "lr_decay_iters", "patience", "total_batch_tokens"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         for name in ("errors", "pattern", "device", "dtype", "optimizer", "lr_schedule"):
@@ -273,6 +281,8 @@ class TrainConfig:
             if self.lr_decay_iters is not None:
                 raise ConfigError("give max_time or lr_decay_iters, not both: the time budget sets where the "
                                   "schedule ends")
+        if self.peak_tflops is not None and not self.peak_tflops > 0.0:
+            raise ConfigError(f"peak_tflops must be > 0 (the device's TFLOP/s), got {self.peak_tflops}")
         for name in ("weight_decay", "grad_clip", "min_delta"):
             if getattr(self, name) < 0.0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -303,6 +313,33 @@ class TrainConfig:
 
 
 MIN_TIME_BUDGET_S = 1.0  # a --max-time below this cannot even be measured (see stopping.TimeBudget)
+
+
+def with_batch_tokens(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """cfg with the grad_accum that --total-batch-tokens asks for on `world_size` processes (cfg itself without it):
+    tokens per step = batch_size × block_size × grad_accum × world_size, so the total must be a multiple of the
+    tokens one micro-step of all processes takes."""
+    if cfg.total_batch_tokens is None:
+        return cfg
+    total, per_micro = cfg.total_batch_tokens, cfg.batch_size * cfg.model.block_size * world_size
+    if total % per_micro:
+        raise ConfigError(f"--total-batch-tokens {total:,} is not a multiple of --batch-size {cfg.batch_size} x "
+                          f"--block-size {cfg.model.block_size} x {world_size} process(es) = {per_micro:,} tokens per "
+                          f"micro-step; {_batch_size_hint(total, cfg.batch_size, cfg.model.block_size * world_size)}")
+    return replace(cfg, grad_accum=total // per_micro)
+
+
+def _batch_size_hint(total: int, batch_size: int, tokens_per_row: int) -> str:
+    """The --batch-size values nearest to `batch_size` that divide the sequences of a step, or what to change."""
+    if total % tokens_per_row:
+        return f"give a --total-batch-tokens that is a multiple of {tokens_per_row:,} (block size x processes)"
+    sequences = total // tokens_per_row
+    below = max(b for b in range(1, min(batch_size, sequences) + 1) if sequences % b == 0)
+    above = next((b for b in range(batch_size + 1, sequences + 1) if sequences % b == 0), None)
+    choices = " or ".join(str(b) for b in (below, above) if b is not None)
+    return f"use --batch-size {choices} (a divisor of the {sequences:,} sequences of a step)"
+
+
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", re.IGNORECASE)
 
 

@@ -41,6 +41,8 @@ HUB_FILES = ["*.safetensors", INDEX_FILE, "config.json", "generation_config.json
              "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
 LAYER_NORM_EPS = NORM_EPS  # our norms' epsilon (torch's nn.LayerNorm default): an import must have the same
 ROPE_THETA = 10000.0  # the base of our rotary angles, θ_k = 10000^(-2k/d) (positions.RotaryPositions)
+TOKENIZER_HUB_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                       "merges.txt"]
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # names transformers gives the tanh approximation
 
 
@@ -72,9 +74,10 @@ FUSED = {"llama": _LLAMA_FUSED, "qwen3": _LLAMA_FUSED}
 
 
 # ------------------------------------------------------------------------------------------------ where
-def resolve(name_or_path: str | os.PathLike) -> Path:
+def resolve(name_or_path: str | os.PathLike, patterns: list[str] = HUB_FILES) -> Path:
     """A local folder as it is; anything else that looks like a hub name ("gpt2", "openai-community/gpt2") is
-    downloaded with huggingface_hub (safetensors, config and tokenizer files only) into its cache."""
+    downloaded with huggingface_hub (the files matching `patterns`: safetensors, config and tokenizer files) into
+    its cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -90,7 +93,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{name} is not a folder, and huggingface_hub (needed to download it) is not "
                               f"installed; `pip install huggingface_hub`, or pass the path of a downloaded folder")
     try:
-        return Path(snapshot_download(repo_id=name, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id=name, allow_patterns=patterns))
     except HFValidationError:
         raise CheckpointError(f"{name} is neither a folder nor a valid hub name; give the folder of a Hugging Face "
                               f"model (config.json + model.safetensors) or a hub name such as gpt2") from None
@@ -350,3 +353,25 @@ def load_tokenizer(name_or_path: str | os.PathLike, vocab_size: int | None = Non
         raise CheckpointError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens but the model's "
                               f"embedding has only {rows} rows; the tokenizer does not belong to this model")
     return tokenizer
+
+
+def open_tokenizer(spec: str | os.PathLike) -> Tokenizer:
+    """--tokenizer: a minigpt tokenizer .json; a Hugging Face byte-level BPE as tokenizer.json, vocab.json (+
+    merges.txt) or their folder (a minigpt checkpoint folder too); or a hub name such as gpt2, of which only the
+    tokenizer files are downloaded."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        name = str(spec)
+        if path.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1 or not name.strip():
+            raise ConfigError(f"no tokenizer file or folder {spec}; give a minigpt tokenizer .json, a Hugging Face "
+                              f"tokenizer.json or folder, or a hub name such as gpt2")
+        try:
+            path = resolve(name, TOKENIZER_HUB_FILES)
+        except CheckpointError as exc:
+            raise ConfigError(f"--tokenizer: {exc}") from None
+    try:  # a folder (ours or Hugging Face's) or vocab.json; else a file, which Tokenizer.load reads in either format
+        if path.is_dir() or path.name == "vocab.json":
+            return Tokenizer.from_huggingface(path)
+        return Tokenizer.load(path)  # also the one that explains a tiktoken file or a corrupt one
+    except TokenizerError as exc:
+        raise ConfigError(f"--tokenizer {spec}: {exc}") from None

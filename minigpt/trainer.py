@@ -35,12 +35,14 @@ from data.sources import open_source
 
 from .checkpoint import (BEST_DIR, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state,
                          read_config, rng_state, save_checkpoint)
-from .config import PATH_FIELDS, TrainConfig
+from .choices import ChoiceSet, read_items
+from .config import PATH_FIELDS, TrainConfig, with_batch_tokens
 from .device import autocast_dtype, resolve_device
 from .distributed import Dist, resume_command
 from .errors import CheckpointError, ConfigError, MinigptError
 from .evaluate import evaluate_loss
-from .hf import load_into, load_tokenizer
+from .hf import load_into, load_tokenizer, open_tokenizer
+from .mfu import choose_peak, mfu
 from .model import GPT
 from .optim import Schedule, clip_grad_norm, make_optimizer, set_lr
 from .plot import plot_losses
@@ -64,6 +66,7 @@ class TrainingError(MinigptError):
 def train(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; returns the output folder. Ctrl-C saves a checkpoint, then raises KeyboardInterrupt."""
     world = Dist.from_env()
+    cfg = with_batch_tokens(cfg, world.world_size)  # --total-batch-tokens sets grad_accum
     world.check_device_name(cfg.device)
     device = resolve_device(cfg.device, world.local_rank)
     with world.process_group(device):
@@ -153,6 +156,9 @@ class _Run:
 
     def fit(self) -> Path:
         cfg = self.cfg
+        if cfg.prepare_only:  # the tokens alone: on a CPU machine, say, before the GPUs are rented
+            self._prepare_data(None, None)
+            return self.out
         resume_config, state = self._check_out_dir()
         if state is not None:
             check_same_run(resume_config, cfg.model, cfg.optimizer, self.out)  # before a long data preparation
@@ -164,6 +170,8 @@ class _Run:
         # float16 has too few exponent bits for small gradients: scale the loss up before backward, unscale the
         # gradients before clipping, and skip a step (halving the scale) when one overflowed. A no-op otherwise.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        # read before a data preparation that may take long, so that a bad line stops the run at once
+        choice_items = read_items(cfg.eval_choices) if cfg.eval_choices and self.world.main else None
         if cfg.warmup_iters > cfg.max_iters:
             self.say(f"note: --warmup-iters {cfg.warmup_iters} is longer than the run (--max-iters "
                      f"{cfg.max_iters}): the learning rate never reaches --lr {cfg.lr}")
@@ -176,6 +184,8 @@ class _Run:
         if resume_config is not None:
             check_same_tokenizer(resume_config, self.model_config, self.tokenizer.checksum, self.out)
         self._check_data_size()
+        self.choices = (ChoiceSet(choice_items, self.tokenizer, self.model_config.block_size)
+                        if choice_items is not None else None)
 
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -200,6 +210,8 @@ class _Run:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.peak = choose_peak(self.device, self.amp_dtype, cfg.peak_tflops)  # after TF32 is decided
+        self.flops_per_token = self.model.flops_per_token(self.model_config.block_size)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         if self.world.enabled:  # no local name for it: train() must be able to drop the last reference
             self.step_model = torch.nn.parallel.DistributedDataParallel(
@@ -253,7 +265,9 @@ class _Run:
         tokenizer = cfg.tokenizer
         if state is not None and tokenizer in (None, resume_config.get("train", {}).get("tokenizer")):
             tokenizer = str(checkpoint_dir(self.out) / TOKENIZER_FILE)  # the one the model was trained with
-        elif cfg.init_from and tokenizer is None:
+        elif tokenizer:
+            tokenizer = open_tokenizer(tokenizer)
+        elif cfg.init_from:
             tokenizer = load_tokenizer(cfg.init_from, cfg.model.vocab_size)  # the pretrained model's
         data_dir = cfg.data_dir or str(self.out / "data")
         if state is not None and (cfg.data or cfg.dataset):  # (the default corpus is always there)
@@ -303,11 +317,12 @@ class _Run:
             f"{c.n_layer} layers × {c.n_head} heads × {c.n_embd} wide, context {c.block_size}, "
             f"{c.positions} positions{f', from {cfg.init_from}' if cfg.init_from else ''}\n"
             f"compute: {flops / 1e6:.1f} MFLOPs per token (forward + backward), "
-            f"{flops * tokens_per_step / 1e9:.1f} GFLOPs per step of {tokens_per_step} tokens\n"
+            f"{flops * tokens_per_step / 1e9:.1f} GFLOPs per step of {tokens_per_step:,} tokens ({cfg.batch_size} "
+            f"x {c.block_size} x grad_accum {cfg.grad_accum} x {self.world.world_size} process(es))\n"
             f"data: {len(self.data.train_tokens):,} train / {len(self.data.val_tokens):,} val tokens, "
             f"vocabulary {self.tokenizer.vocab_size}\n"
             f"device: {self.device}, {_precision(self.amp_dtype)}"
-            f"{', compiled' if cfg.compile else ''}, {self.world.world_size} process(es)")
+            f"{', compiled' if cfg.compile else ''}, {self.world.world_size} process(es)\n{self.peak.reason}")
 
     def say(self, message: str) -> None:
         if self.world.main:
@@ -340,13 +355,15 @@ class _Run:
                 if self.world.main:
                     scaling = {"skipped": self.skipped_steps} if self.scaler.is_enabled() else {}
                     bar.update(1)
+                    shown_mfu = {k: f"{v:.1%}" for k, v in self._mfu(tokens_per_step / step_time).items()}
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}",
-                                    tok_s=f"{tokens_per_step / step_time:,.0f}", **scaling, refresh=False)
+                                    tok_s=f"{tokens_per_step / step_time:,.0f}", **shown_mfu, **scaling, refresh=False)
                     if self.step % cfg.log_interval == 0:
                         if scaling:
                             scaling = {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
                         self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._lr(),
-                                   "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds, **scaling})
+                                   "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds, **scaling,
+                                   **self._mfu(tokens_per_step / seconds)})
                 plan_now = self.budget is not None and self.budget.ready
                 if self.step % cfg.eval_interval == 0 or self.step == schedule.max_iters or plan_now:
                     checked = time.perf_counter()
@@ -451,6 +468,12 @@ class _Run:
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def _mfu(self, tokens_per_sec: float) -> dict[str, float]:
+        """{"mfu": the model FLOPs utilisation of all processes at this rate}, or {} without a known peak."""
+        if self.peak.flops is None:
+            return {}
+        return {"mfu": mfu(self.flops_per_token, tokens_per_sec, self.peak.flops, self.world.world_size)}
+
     def _train_step(self) -> tuple[float, float | None, bool]:
         """One optimizer step; returns (mean loss, pre-clip gradient norm or None for a step skipped by the float16
         loss scaler, whether any rank was asked to stop)."""
@@ -532,9 +555,15 @@ class _Run:
         for split, r in results.items():
             record.update({f"{split}_loss": r["loss"], f"{split}_perplexity": r["perplexity"],
                            f"{split}_bits_per_byte": r["bits_per_byte"]})
+        choices = ""
+        if self.choices is not None:
+            scored = self.choices.score(self.model, cfg.batch_size, self.device, self.amp_dtype)
+            record.update({f"choices_{k}": v for k, v in scored.items()})
+            choices = f", choices acc {scored['acc']:.4f} / acc_norm {scored['acc_norm']:.4f} of {scored['n']}"
         self._log(record)
         self.say(f"step {self.step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
-                 f"val perplexity {record['val_perplexity']:.2f}, val bits/byte {record['val_bits_per_byte']:.4f}")
+                 f"val perplexity {record['val_perplexity']:.2f}, val bits/byte {record['val_bits_per_byte']:.4f}"
+                 f"{choices}")
         plot_losses(self.records, self.out / PLOT_FILE)
         return record["val_loss"]
 

@@ -41,8 +41,8 @@ def test_a_preset_loads_and_changes_only_what_it_names(preset, tmp_path):
 
 # A tiny run, here: every size (shape, context, batch, steps), the corpus and the tokenizer; a preset's own values
 # of these, whatever they are (12 heads, context 1024, a hub tokenizer or dataset, its tokens per step), are left out.
-TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=300, batch_size=4, grad_accum=1, max_iters=4,
-            warmup_iters=1, eval_interval=4, eval_iters=1, log_interval=1)
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=300, batch_size=4, total_batch_tokens=128,
+            max_iters=4, warmup_iters=1, eval_interval=4, eval_iters=1, log_interval=1)
 
 
 def switches(settings: dict) -> dict:
@@ -63,6 +63,7 @@ def test_a_preset_trains(preset, tmp_path):
     assert {k: setting(cfg, k) for k in preset_switches} == preset_switches
     out = train(cfg)
     assert records(out, "eval")[-1]["step"] == 4
+    assert json.loads((out / "train_state.json").read_text())["grad_accum"] == 2  # 128 tokens / (4 x 16)
 
 
 def test_the_tiny_run_overrides_every_size_of_a_large_preset(tmp_path):

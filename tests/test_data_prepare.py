@@ -242,7 +242,7 @@ def test_preparations_of_the_same_data_at_once_build_it_once(tmp_path, monkeypat
     def slow_build(*args, **kwargs):
         builds.append(threading.current_thread().name)
         time.sleep(0.5)  # long enough for the other preparation to find the folder missing and wait
-        build(*args, **kwargs)
+        return build(*args, **kwargs)
 
     monkeypatch.setattr(prep, "_build", slow_build)
     with ThreadPoolExecutor(2) as pool:
