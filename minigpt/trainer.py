@@ -32,6 +32,7 @@ from data.loader import BatchLoader
 from data.lock import LockHeld, file_lock
 from data.prepare import PreparedData, prepare_data
 
+from .attention import choose_attention
 from .checkpoint import (RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state, read_config,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import GPTConfig, TrainConfig
@@ -116,6 +117,7 @@ class _Run:
         self.cfg, self.world, self.device = cfg, world, device
         self.out = Path(cfg.out_dir)
         self.amp_dtype = autocast_dtype(cfg.dtype, device)
+        self.attention = choose_attention(cfg.attention, cfg.model, device, training=True)
         # float16 has too few exponent bits for small gradients: scale the loss up before backward, unscale the
         # gradients before clipping, and skip a step (halving the scale) when one overflowed. A no-op otherwise.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
@@ -186,6 +188,7 @@ class _Run:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = GPT(self.model_config).to(self.device)
+        self.model.attention = self.attention
         if cfg.init_from and resume_config is None:
             load_into(self.model, cfg.init_from)
         torch.manual_seed(cfg.seed + self.world.rank)  # but a different dropout stream on each
@@ -298,7 +301,7 @@ class _Run:
             f"{flops * tokens_per_step / 1e9:.1f} GFLOPs per step of {tokens_per_step} tokens\n"
             f"data: {len(self.data.train_tokens):,} train / {len(self.data.val_tokens):,} val tokens, "
             f"vocabulary {self.tokenizer.vocab_size}\n"
-            f"device: {self.device}, {_precision(self.amp_dtype)}"
+            f"device: {self.device}, {_precision(self.amp_dtype)}, {self.model.attention} attention"
             f"{', compiled' if cfg.compile else ''}, {self.world.world_size} process(es)")
 
     def _print(self, message: str) -> None:
