@@ -72,7 +72,10 @@ class GPT(nn.Module):
         2016): the loss no longer rewards pushing the right token's probability all the way to 1. It is a training
         objective only; evaluate.py always scores the plain negative log-likelihood.
         """
-        check_token_ids(idx, self.config.vocab_size)
+        if not torch.compiler.is_compiling():
+            # Compiled, this branch on tensor values would split the graph and wait for the GPU at every call; a
+            # compiled model is the trainer's, whose ids come from its own tokenizer.
+            check_token_ids(idx, self.config.vocab_size)
         logits = self.head(self.hidden_states(idx))
         if targets is None:
             return logits, None

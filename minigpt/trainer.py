@@ -205,7 +205,11 @@ class _Run:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        # Evaluation goes through the compiled model too (not through DDP: only rank 0 evaluates): its eval-mode,
+        # no-grad graph is compiled once beside the training one. dynamic=False: a shorter last evaluation batch
+        # gets a graph of its own; by default it would turn the batch size symbolic in every later graph, the
+        # training step's included (slower kernels, more guards).
+        self.eval_model = self.step_model = torch.compile(self.model, dynamic=False) if cfg.compile else self.model
         if self.world.enabled:  # no local name for it: train() must be able to drop the last reference
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -508,7 +512,7 @@ class _Run:
             return math.inf
         cfg, T = self.cfg, self.model_config.block_size
         byte_lengths = self.tokenizer.token_byte_lengths()
-        results = {split: evaluate_loss(self.model, tokens, T, cfg.batch_size, cfg.eval_iters, byte_lengths,
+        results = {split: evaluate_loss(self.eval_model, tokens, T, cfg.batch_size, cfg.eval_iters, byte_lengths,
                                         self.device, self.amp_dtype)
                    for split, tokens in (("train", self.data.train_tokens), ("val", self.data.val_tokens))}
         record = {"kind": "eval", "step": self.step}
