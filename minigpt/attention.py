@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .config import ATTENTION_CHOICES, GPTConfig
+from .config import ATTENTION_CHOICES, FLEX_MIN_HEAD_DIM, GPTConfig
 from .errors import ConfigError
 from .positions import ALiBi
 
@@ -72,6 +72,9 @@ def choose_attention(requested: str, config: GPTConfig, device: torch.device, tr
             why = f"FlexAttention needs torch 2.5 or newer (this is torch {torch.__version__})"
         elif not _flex_runs(device, training):
             why = f"torch has no FlexAttention backward on {device.type} (it trains on CUDA only)"
+        elif config.n_embd // config.n_head < FLEX_MIN_HEAD_DIM:
+            why = (f"its kernel needs a head dimension (n_embd / n_head) of at least {FLEX_MIN_HEAD_DIM}, and this "
+                   f"model's is {config.n_embd // config.n_head}")
         else:
             why = f"FlexAttention has no dropout and this model trains with --dropout {config.dropout}"
         raise ConfigError(f"--attention flex cannot be used here: {why}; use --attention sdpa or auto")

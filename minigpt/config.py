@@ -13,6 +13,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "relu2")
 OPTIMIZERS = ("adamw", "muon")
 ATTENTION_KERNELS = ("sdpa", "flex")  # torch's scaled_dot_product_attention, or FlexAttention (minigpt/attention.py)
+FLEX_MIN_HEAD_DIM = 16  # FlexAttention's fused kernel multiplies tiles of at least 16 channels (triton's tl.dot)
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact (erf) GELU, or GPT-2's tanh approximation (for its pretrained weights)
 # Settings that are paths: `~` is expanded in them, wherever the value comes from (flag, config file, Python).
 PATH_FIELDS = ("data", "data_dir", "tokenizer", "init_from", "out_dir")
@@ -84,9 +85,11 @@ class GPTConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def attention_kernels(self, training: bool) -> tuple[str, ...]:
-        """The attention kernels (--attention) that can compute this model: SDPA always; FlexAttention too, except
-        in training with dropout, which it does not have (at inference dropout is off, so any kernel will do)."""
-        return ("sdpa",) if training and self.dropout > 0 else ATTENTION_KERNELS
+        """The attention kernels (--attention) that can compute this model: SDPA always; FlexAttention for a head
+        dimension of at least FLEX_MIN_HEAD_DIM, and in training only without dropout, which it does not have (at
+        inference dropout is off)."""
+        flex = self.n_embd // self.n_head >= FLEX_MIN_HEAD_DIM and not (training and self.dropout > 0)
+        return ATTENTION_KERNELS if flex else ("sdpa",)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("exact_float32")  # conftest.py
 
 
 def model_with(positions: str, kernel: str, **overrides):
-    model = tiny(positions, **overrides).to(DEVICE)
+    model = tiny(positions, n_head=2, **overrides).to(DEVICE)  # head dimension 16: flex's smallest on CUDA
     model.attention = kernel
     return model
 
@@ -167,6 +167,8 @@ def test_the_config_says_which_kernels_take_it():
     assert GPTConfig(dropout=0.1).attention_kernels(training=True) == ("sdpa",)
     assert GPTConfig(dropout=0.1).attention_kernels(training=False) == ("sdpa", "flex")
     assert GPTConfig().attention_kernels(training=True) == ("sdpa", "flex")
+    assert GPTConfig(n_embd=32, n_head=2).attention_kernels(training=False) == ("sdpa", "flex")  # head dim 16
+    assert GPTConfig(n_embd=32, n_head=4).attention_kernels(training=False) == ("sdpa",)  # 8
 
 
 def test_what_cannot_run_is_refused_in_one_line(monkeypatch):
@@ -176,6 +178,9 @@ def test_what_cannot_run_is_refused_in_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"no dropout and this model trains with --dropout 0.1; use --attention "):
         choose_attention("flex", GPTConfig(dropout=0.1), cuda, training=True)
     assert choose_attention("flex", GPTConfig(dropout=0.1), cuda, training=False) == "flex"
+    with pytest.raises(ConfigError, match=r"head dimension \(n_embd / n_head\) of at least 16, and this model's is 8"):
+        choose_attention("flex", GPTConfig(positions="alibi", n_embd=32, n_head=4), cuda, training=False)
+    assert choose_attention("auto", GPTConfig(positions="alibi", n_embd=32, n_head=4), cuda, training=True) == "sdpa"
     monkeypatch.setattr(attention, "_flex_module", None)  # a torch older than 2.5
     with pytest.raises(ConfigError, match=r"needs torch 2.5 or newer \(this is torch .*\); use --attention sdpa"):
         choose_attention("flex", config, cuda, training=False)
