@@ -22,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-from minigpt.config import DEVICES, DTYPES, ERROR_MODES, OPEN_CHOICES, TrainConfig, expand_path
+from minigpt.config import ATTENTION_CHOICES, DEVICES, DTYPES, ERROR_MODES, OPEN_CHOICES, TrainConfig, expand_path
 from minigpt.errors import ConfigError, MinigptError, run_cli
 
 # A prompt longer than this many training contexts is cut to its last part for sinusoidal and ALiBi models, which
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (for comparison)")
     p.add_argument("--device", default="auto",
                    help=f"one of {', '.join(DEVICES)}, or {OPEN_CHOICES['device']}; auto: cuda, else mps, else cpu")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="attention kernel: sdpa (torch's scaled_dot_product_attention) or flex (FlexAttention; "
+                        "compiled on CUDA, unfused and slow elsewhere); auto is flex for ALiBi on CUDA, else sdpa")
     p.add_argument("--dtype", default="auto",
                    help=f"one of {', '.join(DTYPES)}; auto is bfloat16 on CUDA (float16 on GPUs without bfloat16), "
                         "float32 elsewhere")
@@ -136,6 +139,7 @@ def main() -> int:
 
     import torch  # after the arguments are known to be valid: a typo answers at once
 
+    from minigpt.attention import choose_attention
     from minigpt.checkpoint import load_model
     from minigpt.device import autocast_dtype, resolve_device
 
@@ -156,6 +160,7 @@ def main() -> int:
         from minigpt.quantize import quantize_int8
 
         model = quantize_int8(model)
+    model.attention = choose_attention(args.attention, model.config, device, training=False)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     if args.eval:
         return evaluate_file(args, model, tokenizer, config, device, autocast)

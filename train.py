@@ -28,8 +28,8 @@ except ModuleNotFoundError:  # Python 3.10: TOML needs 3.11's tomllib; JSON file
 # The model's vocabulary size comes from the tokenizer (--vocab-size sets the tokenizer's).
 DERIVED_MODEL_FIELDS = ("vocab_size",)
 # What --resume does not take from the checkpoint: where and how this run happens, not what it trains.
-MACHINE_SETTINGS = ("out_dir", "resume", "overwrite", "device", "dtype", "compile", "progress", "peak_tflops",
-                    "prepare_only")
+MACHINE_SETTINGS = ("out_dir", "resume", "overwrite", "device", "attention", "dtype", "compile", "progress",
+                    "peak_tflops", "prepare_only")
 # What --config does not take from a checkpoint's config.json: a new run goes elsewhere, on its own.
 RUN_CONTROL = ("out_dir", "resume", "overwrite")
 # What sets the tokenizer that is trained on the data (or names the one to use instead).

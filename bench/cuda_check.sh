@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA paths, checked on a GPU machine (this project's CI has none; results go to BENCHMARKS.md):
 #   1. the in-process training tests, run on the GPU (MINIGPT_TEST_DEVICE=cuda; resume exactness, float16 loss
-#      scaling, early stopping, Muon);
-#   2. one GPU-sized model trained side by side in float32, bfloat16, float16 (GradScaler) and bfloat16 + compile,
-#      float16 interrupted and resumed, and Muon: throughput and validation loss of each;
+#      scaling, early stopping, Muon), then the attention and compile tests (FlexAttention compiled and training
+#      against SDPA, resumed with the other kernel; graph and break counts of a compiled run under inductor);
+#   2. one GPU-sized ALiBi model trained side by side in float32, bfloat16 (FlexAttention: auto), bfloat16 with
+#      --attention sdpa, float16 (GradScaler) and bfloat16 + compile, float16 interrupted and resumed, and Muon:
+#      throughput and validation loss of each;
 #   3. sampling and --eval from the float16 checkpoint in float16 and bfloat16.
 # Usage: bash bench/cuda_check.sh [work folder]   (about 5 minutes on one H200)
 set -uo pipefail
@@ -17,6 +19,8 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 echo "== 1. training tests on the GPU"
 MINIGPT_TEST_DEVICE=cuda timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_train.py \
     tests/test_train_recipe.py tests/test_optim_muon.py 2>&1 | tail -25
+MINIGPT_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
+    tests/test_compile.py 2>&1 | tail -25
 
 echo "== 2. one model, four precisions"
 SHAPE="--n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64 --max-bytes 4000000 --no-progress"
@@ -28,6 +32,7 @@ run() {  # name, then train.py flags
 python3 train.py --out-dir "$WORK/prepare" $COMMON --max-iters 1 >"$WORK/prepare.log" 2>&1 || tail -5 "$WORK/prepare.log"
 run float32 --dtype float32
 run bfloat16 --dtype bfloat16
+run bfloat16-sdpa --dtype bfloat16 --attention sdpa
 run float16 --dtype float16
 run compiled --dtype bfloat16 --compile
 run float16-resumed --dtype float16 --max-iters 75 --lr-decay-iters 150
@@ -40,7 +45,7 @@ from pathlib import Path
 work = Path(sys.argv[1])
 print("| run | steps | tokens/s (median) | val loss | train loss at the end | float16 steps skipped |")
 print("|---|---|---|---|---|---|")
-for name in ["float32", "bfloat16", "float16", "compiled", "float16-resumed", "muon"]:
+for name in ["float32", "bfloat16", "bfloat16-sdpa", "float16", "compiled", "float16-resumed", "muon"]:
     path = work / name / "metrics.jsonl"
     if not path.is_file():
         print(f"| {name} | failed | | | | |"); continue

@@ -12,6 +12,8 @@ POSITION_KINDS = ("learned", "sinusoidal", "alibi", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "relu2")
 OPTIMIZERS = ("adamw", "muon")
+ATTENTION_KERNELS = ("sdpa", "flex")  # torch's scaled_dot_product_attention, or FlexAttention (minigpt/attention.py)
+FLEX_MIN_HEAD_DIM = 16  # FlexAttention's fused kernel multiplies tiles of at least 16 channels (triton's tl.dot)
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact (erf) GELU, or GPT-2's tanh approximation (for its pretrained weights)
 # Settings that are paths: `~` is expanded in them, wherever the value comes from (flag, config file, Python).
 PATH_FIELDS = ("data", "data_dir", "tokenizer", "init_from", "out_dir", "eval_choices")
@@ -81,6 +83,13 @@ class GPTConfig:
         _check_choice("mlp", self.mlp)
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def attention_kernels(self, training: bool) -> tuple[str, ...]:
+        """The attention kernels (--attention) that can compute this model: SDPA always; FlexAttention for a head
+        dimension of at least FLEX_MIN_HEAD_DIM, and in training only without dropout, which it does not have (at
+        inference dropout is off)."""
+        flex = self.n_embd // self.n_head >= FLEX_MIN_HEAD_DIM and not (training and self.dropout > 0)
+        return ATTENTION_KERNELS if flex else ("sdpa",)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,6 +171,7 @@ def _default_model() -> GPTConfig:
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+ATTENTION_CHOICES = ("auto",) + ATTENTION_KERNELS
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")
 ERROR_MODES = ("strict", "replace", "ignore")  # as data.sources reads undecodable bytes
@@ -169,7 +179,8 @@ PATTERN_NAMES = ("gpt2", "gpt4")  # the tokenizer's named split patterns; a rege
 # The allowed values of every choice-valued setting (GPTConfig's and TrainConfig's): checked in __post_init__
 # by _check_choice, listed by `train.py --help`.
 CHOICES = {"positions": POSITION_KINDS, "norm": NORMS, "mlp": MLPS, "activation": ACTIVATIONS,
-           "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "device": DEVICES, "dtype": DTYPES, "errors": ERROR_MODES, "pattern": PATTERN_NAMES}
+           "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "device": DEVICES, "dtype": DTYPES, "errors": ERROR_MODES, "pattern": PATTERN_NAMES,
+           "attention": ATTENTION_CHOICES}
 # What a choice setting accepts beyond its list (shown in --help and in the error).
 OPEN_CHOICES = {"device": "cuda:N", "pattern": "a regex"}
 
@@ -235,6 +246,9 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "start a new run even if --out-dir holds a checkpoint"})
     # hardware
     device: str = field(default="auto", metadata={"help": "where to train; auto picks cuda, then mps, then cpu"})
+    attention: str = field(default="auto", metadata={"help": "attention kernel: sdpa (torch's scaled_dot_product_"
+                                                             "attention) or flex (FlexAttention; trains on CUDA "
+                                                             "only); auto is flex for ALiBi on CUDA, else sdpa"})
     dtype: str = field(default="auto", metadata={"help": "auto is bfloat16 autocast on CUDA (float16 with loss scaling on GPUs without bfloat16), float32 elsewhere"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     peak_tflops: float | None = field(default=None, metadata={"help": "dense peak TFLOP/s of one device for the MFU (default: from the GPU's name and the dtype; none on CPU)"})
@@ -257,7 +271,7 @@ class TrainConfig:
         for name in ("max_bytes", "lr_decay_iters", "patience", "total_batch_tokens"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
-        for name in ("errors", "pattern", "device", "dtype", "optimizer", "lr_schedule"):
+        for name in ("errors", "pattern", "device", "attention", "dtype", "optimizer", "lr_schedule"):
             _check_choice(name, getattr(self, name))
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import BlockMasks, FlexMask, SdpaMask, flex_attention, flex_mask, sdpa_mask
 from .config import GPTConfig
 from .errors import ConfigError
 from .positions import ALiBi, LearnedPositions, RotaryPositions, SinusoidalPositions, rotate
@@ -38,6 +39,10 @@ class GPT(nn.Module):
         head_dim = config.n_embd // config.n_head
         self.rope = RotaryPositions(config.block_size, head_dim) if config.positions == "rope" else None
         self.drop = _dropout(config.dropout)
+        # Which kernel computes attention, "sdpa" or "flex" (attention.choose_attention picks it): a runtime
+        # choice like the device, so not a config field; every kernel computes the same function of the weights.
+        self.attention = "sdpa"
+        self.block_masks = BlockMasks()  # FlexAttention's, one per shape
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = _norm(config)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -67,7 +72,10 @@ class GPT(nn.Module):
         2016): the loss no longer rewards pushing the right token's probability all the way to 1. It is a training
         objective only; evaluate.py always scores the plain negative log-likelihood.
         """
-        check_token_ids(idx, self.config.vocab_size)
+        if not torch.compiler.is_compiling():
+            # Compiled, this branch on tensor values would split the graph and wait for the GPU at every call; a
+            # compiled model is the trainer's, whose ids come from its own tokenizer.
+            check_token_ids(idx, self.config.vocab_size)
         logits = self.head(self.hidden_states(idx))
         if targets is None:
             return logits, None
@@ -87,30 +95,21 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(start, T)
         x = self.drop(x)
-        attn_mask, is_causal = self._attention_mask(T, start)
+        mask = self._attention_mask(T, start)
         rope = self.rope(start, T) if self.rope is not None else None  # the angles of these absolute positions
         for layer, block in enumerate(self.blocks):
-            x = block(x, attn_mask, is_causal, cache, layer, rope)
+            x = block(x, mask, cache, layer, rope)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)
 
-    def _attention_mask(self, q_len: int, start: int) -> tuple[Tensor | None, bool]:
-        """What SDPA needs to keep each query from seeing later keys: a mask, or its built-in causal flag.
-
-        Queries are positions start..start+q_len-1 of start+q_len keys. SDPA's is_causal aligns the mask to the
-        top-left corner, which is right only when there is no cached prefix; a single new query may see every key;
-        anything else gets an explicit bottom-right mask. ALiBi always brings its own mask (bias + causal -inf).
-        """
-        k_len = start + q_len
-        if self.alibi is not None:
-            return self.alibi(q_len, k_len), False
-        if start == 0:
-            return None, True
-        if q_len == 1:
-            return None, False
-        i = torch.arange(start, k_len, device=self.wte.weight.device)[:, None]
-        return torch.arange(k_len, device=i.device)[None, :] <= i, False
+    def _attention_mask(self, q_len: int, start: int) -> SdpaMask | FlexMask:
+        """What keeps each query (positions start..start+q_len-1) from seeing later keys, with ALiBi's bias, in
+        the form the attention kernel takes (attention.py). A decoding step, one query, keeps SDPA under flex."""
+        device = self.wte.weight.device
+        if self.attention == "flex" and q_len > 1:
+            return flex_mask(q_len, start, self.alibi, self.block_masks, device)
+        return sdpa_mask(q_len, start, self.alibi, device)
 
     @torch.no_grad()
     def generate(
@@ -177,9 +176,9 @@ class Block(nn.Module):
         self.ln_2 = _norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None = None,
-                layer: int = 0, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, layer, rope)
+    def forward(self, x: Tensor, mask: SdpaMask | FlexMask, cache: KVCache | None = None, layer: int = 0,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -187,10 +186,11 @@ class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position t only sees positions <= t.
 
     Q, K and V come from one fused projection (one large matmul instead of three small ones). The attention itself
-    is torch's scaled_dot_product_attention, which scales by 1/sqrt(d_head). Causality comes from one of two
-    places, both decided by `GPT._attention_mask`: SDPA's own `is_causal` flag (learned and sinusoidal positions
-    without a cached prefix; the flash kernel on GPU), or an explicit mask that already holds -inf above the
-    diagonal (ALiBi's bias, or queries that continue a KV cache). Every call gets one of the two.
+    is one fused kernel that scales by 1/sqrt(d_head): torch's scaled_dot_product_attention, or FlexAttention
+    (`GPT.attention`; attention.py says which runs where). For SDPA, causality comes from its own `is_causal` flag
+    (no ALiBi, no cached prefix: the flash kernel on GPU) or from an explicit mask that already holds -inf above
+    the diagonal (ALiBi's bias, or queries that continue a KV cache). FlexAttention takes ALiBi's bias as a
+    function of each score's position and skips the tiles above the diagonal.
 
     Two switches act on the queries and keys before their dot product. QK-norm (`qk_norm`; Henry et al., 2020,
     here as RMSNorm with a learned gain per channel, as in OLMo 2 and Qwen 3) gives every query and key the same
@@ -210,8 +210,8 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_drop = _dropout(config.dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None = None,
-                layer: int = 0, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: SdpaMask | FlexMask, cache: KVCache | None = None, layer: int = 0,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, H, T, d_head): views only; SDPA reads the strided layout directly.
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
@@ -222,10 +222,14 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-            attn_mask = attn_mask.to(q.dtype)  # under autocast q is half precision; SDPA wants matching types
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        if isinstance(mask, FlexMask):  # no dropout here: attention.choose_attention refuses it in training
+            y = flex_attention(q, k, v, mask)
+        else:
+            bias = mask.bias
+            if bias is not None and bias.dtype != torch.bool and bias.dtype != q.dtype:
+                bias = bias.to(q.dtype)  # under autocast q is half precision; SDPA wants matching types
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=mask.is_causal,
+                                               dropout_p=self.attn_dropout if self.training else 0.0)
         # Heads side by side again: (B, H, T, d_head) -> (B, T, C).
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 

@@ -122,6 +122,10 @@ class ALiBi(nn.Module):
 
     def forward(self, q_len: int, k_len: int) -> Tensor:
         """The (1, H, q_len, k_len) mask for SDPA (the leading 1 broadcasts over the batch)."""
+        if torch.compiler.is_compiling():
+            # Inside a compiled model the mask is a few fused element-wise ops of the graph; the cache below
+            # would be a Python side effect (and an inference-mode query) that splits the graph.
+            return alibi_mask(self.slopes, q_len, k_len)[None]
         # A mask made under inference_mode (generation) cannot take part in training's autograd: keep them apart.
         key = (q_len, k_len, self.slopes.dtype, self.slopes.device, torch.is_inference_mode_enabled())
         mask = self._masks.get(key)

@@ -33,6 +33,7 @@ from data.lock import LockHeld, file_lock
 from data.prepare import PreparedData, prepare_data
 from data.sources import open_source
 
+from .attention import choose_attention
 from .checkpoint import (BEST_DIR, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state,
                          read_config, rng_state, save_checkpoint)
 from .choices import ChoiceSet, read_items
@@ -114,6 +115,7 @@ class _Run:
         self.amp_dtype = autocast_dtype(cfg.dtype, device)  # a resume may continue in its checkpoint's (see fit)
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # see fit
         self.kept_scaler: dict[str, Any] = {}  # a float16 checkpoint's scaler, kept while training in another dtype
+        self.attention = choose_attention(cfg.attention, cfg.model, device, training=True)
         self.skipped_steps = 0
         self.schedule = Schedule.from_config(cfg)
         self.early_stop = EarlyStopping(cfg.patience, cfg.min_delta)
@@ -191,6 +193,7 @@ class _Run:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = GPT(self.model_config).to(self.device)
+        self.model.attention = self.attention
         if cfg.init_from and state is None:
             load_into(self.model, cfg.init_from)
         torch.manual_seed(cfg.seed + self.world.rank)  # but a different dropout stream on each
@@ -212,7 +215,11 @@ class _Run:
             torch.backends.cudnn.allow_tf32 = True
         self.peak = choose_peak(self.device, self.amp_dtype, cfg.peak_tflops)  # after TF32 is decided
         self.flops_per_token = self.model.flops_per_token(self.model_config.block_size)
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        # Evaluation goes through the compiled model too (not through DDP: only rank 0 evaluates): its eval-mode,
+        # no-grad graph is compiled once beside the training one. dynamic=False: a shorter last evaluation batch
+        # gets a graph of its own; by default it would turn the batch size symbolic in every later graph, the
+        # training step's included (slower kernels, more guards).
+        self.eval_model = self.step_model = torch.compile(self.model, dynamic=False) if cfg.compile else self.model
         if self.world.enabled:  # no local name for it: train() must be able to drop the last reference
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -321,7 +328,7 @@ class _Run:
             f"x {c.block_size} x grad_accum {cfg.grad_accum} x {self.world.world_size} process(es))\n"
             f"data: {len(self.data.train_tokens):,} train / {len(self.data.val_tokens):,} val tokens, "
             f"vocabulary {self.tokenizer.vocab_size}\n"
-            f"device: {self.device}, {_precision(self.amp_dtype)}"
+            f"device: {self.device}, {_precision(self.amp_dtype)}, {self.model.attention} attention"
             f"{', compiled' if cfg.compile else ''}, {self.world.world_size} process(es)\n{self.peak.reason}")
 
     def say(self, message: str) -> None:
@@ -547,7 +554,7 @@ class _Run:
         cfg, T = self.cfg, self.model_config.block_size
         byte_lengths = self.tokenizer.token_byte_lengths()
         started = time.perf_counter()
-        results = {split: evaluate_loss(self.model, tokens, T, cfg.batch_size, cfg.eval_iters, byte_lengths,
+        results = {split: evaluate_loss(self.eval_model, tokens, T, cfg.batch_size, cfg.eval_iters, byte_lengths,
                                         self.device, self.amp_dtype)
                    for split, tokens in (("train", self.data.train_tokens), ("val", self.data.val_tokens))}
         self.eval_batch_s = (time.perf_counter() - started) / (2 * cfg.eval_iters)

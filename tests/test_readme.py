@@ -42,6 +42,7 @@ def test_model_from_python(checkpoint, capsys):
     assert out.shape[1] > prompt.shape[1] and torch.equal(out[:, :prompt.shape[1]], prompt)
     assert capsys.readouterr().out.startswith("def fibonacci(n):")
     assert torch.isfinite(loss) and scope["fresh"].config.n_embd == 64
+    assert scope["model"].attention == "sdpa"
 
 
 def test_raw_safetensors_recipe_rebuilds_the_model(checkpoint):

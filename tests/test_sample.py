@@ -278,6 +278,19 @@ def test_float16_sampling_and_evaluation(run_dir, tmp_path):
     assert half["loss"] == pytest.approx(full["loss"], rel=2e-3) and half["loss"] != full["loss"]
 
 
+def test_flex_attention_samples_and_evaluates_what_sdpa_does(run_dir, tmp_path):
+    """The run trained with SDPA (auto, on a CPU) samples and evaluates with FlexAttention (unfused here): the
+    kernel is this process's choice, not the checkpoint's. The same greedy text, the same loss."""
+    args = ("--prompt", "naïve café", "--max-new-tokens", "16", "--temperature", "0")
+    sdpa, flex = (sample_json(run_dir, *args, "--attention", kernel)["samples"][0] for kernel in ("sdpa", "flex"))
+    assert flex["text"] == sdpa["text"] and flex["tokens"] == sdpa["tokens"] > 0
+    (tmp_path / "t.txt").write_text(" ".join(corpus_documents()[:3]), encoding="utf-8")
+    sdpa, flex = (sample_json(run_dir, "--eval", str(tmp_path / "t.txt"), "--attention", kernel)
+                  for kernel in ("sdpa", "flex"))
+    assert flex["loss"] == pytest.approx(sdpa["loss"], rel=1e-5)
+    one_line_error(sample(run_dir, "--attention", "flash"), "invalid choice: 'flash'")
+
+
 def test_prompt_that_is_not_utf8_on_the_command_line(run_dir):
     one_line_error(sample(run_dir, "--prompt", "caf\udce9"), "not valid UTF-8")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt.checkpoint import read_config
+from minigpt.checkpoint import _file_entry, read_config
 from minigpt.config import TrainConfig
 from minigpt.errors import ConfigError
 from minigpt.trainer import train
@@ -83,7 +83,8 @@ def test_resume_takes_settings_from_the_checkpoint(setup, tmp_path):
 
 
 def test_resume_does_not_take_the_machine_settings_of_the_checkpoint(setup, tmp_path):
-    """A run trained on a GPU resumes on a CPU-only machine: device, dtype, compile are this run's own."""
+    """A run trained on a GPU resumes on a CPU-only machine: device, attention (FlexAttention has no backward on
+    a CPU), dtype, compile are this run's own."""
     corpus, cache, out = setup
     import shutil
     copy = tmp_path / "copy"
@@ -91,10 +92,16 @@ def test_resume_does_not_take_the_machine_settings_of_the_checkpoint(setup, tmp_
     config = json.loads((copy / "config.json").read_text())
     config["train"]["device"] = "cuda"
     config["train"]["compile"] = True
+    config["train"]["attention"] = "flex"
     (copy / "config.json").write_text(json.dumps(config))
-    (copy / "manifest.json").unlink()  # an edited config no longer matches the manifest: accept it as hand-made
+    manifest = json.loads((copy / "manifest.json").read_text())  # as the GPU machine's save would have written it
+    manifest["files"]["config.json"] = _file_entry(copy / "config.json")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     result = run("--resume", "--out-dir", copy, "--max-iters", 5, "--no-progress")
     assert "--device cuda" not in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "device: cpu, float32, sdpa attention, 1 process(es)" in result.stdout
+    assert read_config(copy)["train"]["attention"] == "auto" and read_config(copy)["step"] == 5
 
 
 def test_out_dir_that_is_a_file(tmp_path):
