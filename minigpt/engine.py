@@ -146,6 +146,13 @@ class Engine:
         """Ask for `seq` to stop; the engine frees its row at the next step (safe to call from any thread)."""
         seq.cancelled = True
 
+    def clear(self) -> list[Sequence]:
+        """Drop every sequence, running or waiting, and the cache (after a failed step, whose state is unknown);
+        returns them. Their finish_reason is left for the caller to set."""
+        dropped = self.running + list(self.waiting)
+        self.running, self.waiting, self.cache = [], deque(), None
+        return dropped
+
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)

@@ -289,7 +289,9 @@ class KVCache:
     def __init__(self, n_layer: int, batch_size: int, n_head: int, capacity: int, head_dim: int,
                  device: torch.device | str | None = None) -> None:
         # Keys and values side by side, so that one copy stores both. Allocated on first use, in the dtype the
-        # keys actually have (half precision under autocast) and on their device.
+        # keys actually have (half precision under autocast) and on their device, and zeroed: a row shorter than
+        # the longest is given keys past its own length, masked out, but attention still multiplies their values
+        # by a zero weight, and uninitialised memory may hold NaN (0 x NaN = NaN).
         self.shape = (n_layer, 2, batch_size, n_head, capacity, head_dim)
         self.kv: Tensor | None = None
         self.capacity = capacity
@@ -325,7 +327,7 @@ class KVCache:
         if end > self.capacity:
             raise ConfigError(f"KV cache holds {self.capacity} positions; cannot add up to position {end}")
         if self.kv is None:
-            self.kv = k.new_empty(self.shape)
+            self.kv = k.new_zeros(self.shape)
             self.device = k.device
         stored = self.kv[layer, :, :rows]
         start = self.length
@@ -357,7 +359,7 @@ class KVCache:
         self.shape = self.shape[:4] + (capacity,) + self.shape[5:]
         if self.kv is not None:
             used = max(self._lengths, default=0)
-            grown = self.kv.new_empty(self.shape)
+            grown = self.kv.new_zeros(self.shape)
             grown[..., :used, :] = self.kv[..., :used, :]
             self.kv = grown
         self.capacity = capacity
@@ -371,7 +373,7 @@ class KVCache:
         if length > self.capacity:
             raise ConfigError(f"KV cache holds {self.capacity} positions; the row has {length}")
         if self.kv is None:
-            self.kv = source.kv.new_empty(self.shape)
+            self.kv = source.kv.new_zeros(self.shape)
             self.device = source.kv.device
         self.kv[:, :, row, :, :length] = source.kv[:, :, source_row, :, :length]
         if row == len(self._lengths):

@@ -77,6 +77,16 @@ def test_rows_of_different_lengths_each_compute_what_they_would_alone(positions)
     assert cache.lengths == (10, 16, 12)
 
 
+def test_positions_past_a_rows_length_hold_zeros_not_uninitialised_memory():
+    """Attention multiplies the values of masked keys by a zero weight, and 0 x NaN is NaN: the storage a
+    shorter row is given past its own length must be finite, after growing too."""
+    model = varied("alibi")
+    cache = ragged_cache(model, [ids(3, 1), ids(9, 2)])
+    cache.reserve(64)
+    assert cache.kv.shape[4] == 64 and torch.isfinite(cache.kv).all()
+    assert not cache.kv[:, :, 0, :, 3:].any() and not cache.kv[:, :, 1, :, 9:].any()
+
+
 def test_row_masks_equal_the_equal_length_masks_of_each_row():
     start = torch.tensor([2, 6, 0])
     mask = causal_mask_rows(start, 2)
