@@ -225,27 +225,29 @@ class EngineWorker:
         self._closed = False  # no more submissions (shutting down)
         self._cancelling = False  # cancel everything queued or running
         self._stopping = False  # end the thread once nothing runs
+        # What the engine held after its last step (its own lists change during a step): running, waiting, busy.
+        self._running = self._waiting = 0
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name="minigpt-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def counts(self) -> tuple[int, int]:
-        """Sequences running and waiting."""
+        """Sequences running and waiting (those not yet given to the engine included)."""
         with self._wake:
-            queued = sum(len(seqs) for seqs, _ in self._inbox)
-        return len(self.engine.running), len(self.engine.waiting) + queued
+            return self._running, self._waiting + sum(len(seqs) for seqs, _ in self._inbox)
 
     def busy(self) -> bool:
         with self._wake:
-            return bool(self._inbox) or self.engine.has_work
+            return bool(self._inbox) or self._busy
 
     def submit(self, seqs: list[Sequence], notify: Callable[[], None]) -> None:
         """Queue `seqs`; ApiError 429 when the queue cannot take them, 503 when the server is stopping."""
         with self._wake:
             if self._closed:
                 raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
-            waiting = len(self.engine.waiting) + sum(len(s) for s, _ in self._inbox)
+            waiting = self._waiting + sum(len(s) for s, _ in self._inbox)
             if waiting and waiting + len(seqs) > self.max_queue:
                 raise ApiError(429, f"the server is busy: {waiting} completions are waiting (--max-queue "
                                     f"{self.max_queue}); retry in a moment", kind="rate_limit_error",
@@ -281,6 +283,7 @@ class EngineWorker:
                     self._wake.wait()
                 inbox, self._inbox = self._inbox, []
                 cancelling, stopping = self._cancelling, self._stopping
+                self._busy = True
             done_at_once = []  # max_tokens 0, or refused: finished without a step
             for seqs, notify in inbox:
                 for seq in seqs:
@@ -296,9 +299,13 @@ class EngineWorker:
                     changed = done_at_once + self.engine.step()
             except Exception as exc:  # a fault of ours must not take the server down: fail what ran, go on
                 log.error("engine step failed: %s: %s", type(exc).__name__, exc)
-                changed = done_at_once + self.engine.clear()
-                for seq in changed:
+                failed = self.engine.clear()
+                for seq in failed:
                     seq.finish_reason = "error"
+                changed = done_at_once + failed
+            with self._wake:
+                self._running, self._waiting = len(self.engine.running), len(self.engine.waiting)
+                self._busy = self.engine.has_work
             notify = {self._listeners[seq] for seq in changed if seq in self._listeners}
             for seq in changed:
                 if seq.finished:
@@ -314,7 +321,6 @@ class EngineWorker:
         except Exception as exc:  # parse_completion checks everything the engine does; this is a safety net
             seq.finish_reason = "error"
             log.error("engine refused a sequence: %s", exc)
-
 
 
 # ------------------------------------------------------------------------------------------- one completion

@@ -54,3 +54,13 @@ def test_raw_safetensors_recipe_rebuilds_the_model(checkpoint):
     reference = load_model(checkpoint)[0]
     assert model.state_dict().keys() == reference.state_dict().keys()
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_engine_from_python(checkpoint):
+    (code,) = [c for c in python_blocks("Serving: an OpenAI-compatible server, and a page") if "Engine(" in c]
+    model, tokenizer, _ = load_model(checkpoint)
+    scope = {"model": model, "tokenizer": tokenizer, "torch": torch}
+    exec(code, scope)
+    a, b = scope["a"], scope["b"]
+    assert len(a.tokens) == 50 and a.finish_reason == "length"
+    assert b.finish_reason == "length" and len(b.tokens) == 20 or b.finish_reason == "stop"

@@ -332,6 +332,16 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_place(serve
     assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def test_a_waiting_client_that_leaves_frees_its_place_too(server):
+    """Without streaming the server notices the closed connection while the answer is still being written."""
+    conn = http.client.HTTPConnection(urlsplit(server).netloc, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "x", "max_tokens": 100000, "ignore_eos": True}),
+                 headers={"Content-Type": "application/json"})
+    wait_for_health(server, 1, 0)
+    conn.sock.close()
+    wait_for_health(server, 0, 0)
+
+
 def test_ctrl_c_ends_the_streams_in_flight_and_exits_0(checkpoint, tmp_path):
     log = tmp_path / "server.log"
     proc, url = start_server(checkpoint, log, "--grace", "0.3", "--max-tokens", "100000")
@@ -376,12 +386,13 @@ def browser_missing() -> str | None:
     return None
 
 
+MISSING = browser_missing()
+
+
+@pytest.mark.skipif(MISSING is not None and not BROWSER_REQUIRED, reason=str(MISSING))
 def test_the_page_streams_a_completion_in_a_real_browser(server, client, tmp_path):
-    missing = browser_missing()
-    if missing:
-        if BROWSER_REQUIRED:
-            pytest.fail(f"MINIGPT_BROWSER_TESTS=1 but {missing}")
-        pytest.skip(missing)
+    if MISSING:
+        pytest.fail(f"MINIGPT_BROWSER_TESTS=1 but {MISSING}")
     from playwright.sync_api import sync_playwright
 
     expected = client.completions.create(model="tiny-model", prompt=PROMPT, max_tokens=400, temperature=0)
