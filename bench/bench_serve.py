@@ -9,7 +9,8 @@ in-process batch reference, then again), medians and spread reported:
 - sample.py: its own tokens/s for one sample (--json "seconds"; median of samples 2..4 of one run, the first
   paying for warm-up), the model loaded by sample.py itself;
 - one lone client: a streamed completion of --tokens tokens (ignore_eos, so every request writes exactly that
-  many); tokens/s = tokens / request time, and the time to the first token (TTFT);
+  many); tokens/s = tokens / request time, and the time to the first token (TTFT); measured just before and
+  just after sample.py, and averaged, so that a load that comes and goes weighs on both alike;
 - N clients at once (threads, each one streamed request, released together): aggregate tokens/s = all tokens /
   (last end - first start), and each request's TTFT, whose p50 and p99 over all trials are reported;
 - the reference: GPT.generate in this process at batch N against batch 1 (what batching can give at most).
@@ -178,10 +179,11 @@ def main() -> None:
         together(client, model_id, 4, args.clients)
         rows: dict[str, list] = {k: [] for k in ("sample", "lone", "lone_ttft", "together", "ttft", "ref1", "refN")}
         for trial in range(trials):
+            before = lone(client, model_id, args.tokens)
             rows["sample"].append(sample_py(folder, args.tokens, args.threads))
-            speed, ttft = lone(client, model_id, args.tokens)
-            rows["lone"].append(speed)
-            rows["lone_ttft"].append(ttft)
+            after = lone(client, model_id, args.tokens)
+            rows["lone"].append((before[0] + after[0]) / 2)
+            rows["lone_ttft"] += [before[1], after[1]]
             speed, ttfts = together(client, model_id, args.tokens, args.clients)
             rows["together"].append(speed)
             rows["ttft"] += ttfts

@@ -101,7 +101,7 @@ def main() -> int:
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {model_id} ({model.num_parameters() / 1e6:.1f}M parameters, {device}) at http://{shown}:{port}  "
+    print(f"serving {model_id} ({model.num_parameters():,} parameters, {device}) at http://{shown}:{port}  "
           f"(OpenAI API under /v1; Ctrl-C to stop)", flush=True)
     server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1), app.state.worker, args.grace)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again so that a default handler can

@@ -232,6 +232,14 @@ def test_echo_logprobs_and_usage(server, client, checkpoint):
         reference = torch.log_softmax(model(torch.tensor([ids]))[0][0, -1, :tok.vocab_size], dim=-1)
     assert lp.token_logprobs[len(ids)] == pytest.approx(float(reference[generated[0]]), abs=1e-4)
     assert len(lp.top_logprobs[len(ids)]) == 3
+    # Scoring a text without writing any (echo, max_tokens 0: how evaluation harnesses use this API).
+    scored = client.completions.create(model="tiny-model", prompt=PROMPT, max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == PROMPT and scored.usage.completion_tokens == 0
+    with torch.no_grad():
+        every = torch.log_softmax(model(torch.tensor([ids]))[0][0, :-1, :tok.vocab_size], dim=-1)
+    expected = every.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    token_logprobs = scored.choices[0].logprobs.token_logprobs
+    assert token_logprobs[0] is None and token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
 
 
 def test_end_of_text_finishes_with_stop_and_ignore_eos_goes_on(server, client):
