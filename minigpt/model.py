@@ -323,14 +323,14 @@ class KVCache:
         rows, T = k.shape[0], k.shape[2]
         if rows != len(self._lengths):
             raise ConfigError(f"KV cache has {len(self._lengths)} rows in use; got keys for {rows}")
-        end = max(self._lengths, default=0) + T
+        start = self.length
+        end = (start if isinstance(start, int) else max(self._lengths)) + T
         if end > self.capacity:
             raise ConfigError(f"KV cache holds {self.capacity} positions; cannot add up to position {end}")
         if self.kv is None:
             self.kv = k.new_zeros(self.shape)
             self.device = k.device
         stored = self.kv[layer, :, :rows]
-        start = self.length
         if isinstance(start, int):
             stored[0, :, :, start:end] = k
             stored[1, :, :, start:end] = v

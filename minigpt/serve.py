@@ -30,27 +30,28 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     limits = ServerLimits()
-    p = _Parser(prog="python -m minigpt.serve", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python -m minigpt.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", nargs="?", type=expand_path, default=None,
                    help="checkpoint folder written by train.py (its best/ subfolder: the best-validation model)")
     p.add_argument("--init-from", metavar="FOLDER|NAME", type=expand_path, default=None,
                    help="a pretrained GPT-2-family model instead: a Hugging Face folder or hub name (gpt2, ...)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000); 0 picks a free one")
     p.add_argument("--device", default="auto",
-                   help=f"one of {', '.join(DEVICES)}, or {OPEN_CHOICES['device']}; auto: cuda, else mps, else cpu")
-    p.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPES)}; auto is bfloat16 on CUDA "
-                   "(float16 on GPUs without bfloat16), float32 elsewhere")
+                   help=f"one of {', '.join(DEVICES)}, or {OPEN_CHOICES['device']} (default: auto: cuda, else mps, "
+                        "else cpu)")
+    p.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPES)} (default: auto, bfloat16 on CUDA "
+                   "(float16 on GPUs without bfloat16), float32 elsewhere)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="CPU inference with int8 Linear weights (faster decoding, slightly higher loss)")
-    p.add_argument("--max-batch", type=int, default=limits.max_batch, help="sequences decoded together")
+    p.add_argument("--max-batch", type=int, default=limits.max_batch, help=f"sequences decoded together (default: {limits.max_batch})")
     p.add_argument("--max-queue", type=int, default=limits.max_queue,
-                   help="sequences waiting for a place; more requests are refused with 429 and Retry-After")
+                   help=f"sequences waiting for a place (default: {limits.max_queue}); more requests are refused "
+                        "with 429 and Retry-After")
     p.add_argument("--max-tokens", type=int, default=limits.max_tokens,
-                   help="the largest max_tokens a request may ask for")
+                   help=f"the largest max_tokens a request may ask for (default: {limits.max_tokens})")
     p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
-                   help="after Ctrl-C, how long requests in flight may finish before they are cancelled")
+                   help="after Ctrl-C, how long requests in flight may finish before they are cancelled (default: 5)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the model (default: torch's choice, one per core)")
     return p
