@@ -22,13 +22,9 @@ import time
 import warnings
 from pathlib import Path
 
-from minigpt.config import ATTENTION_CHOICES, DEVICES, DTYPES, ERROR_MODES, OPEN_CHOICES, TrainConfig, expand_path
+from minigpt.config import (ATTENTION_CHOICES, DEVICES, DTYPES, ERROR_MODES, OPEN_CHOICES, PROMPT_CONTEXTS, TrainConfig,
+                            expand_path)
 from minigpt.errors import ConfigError, MinigptError, run_cli
-
-# A prompt longer than this many training contexts is cut to its last part for sinusoidal and ALiBi models, which
-# take any length: reading it costs memory that grows with the square of its length, and these models are not
-# measured beyond 8 contexts (BENCHMARKS.md) anyway. Learned positions see at most one context.
-PROMPT_CONTEXTS = 8
 
 
 class _Parser(argparse.ArgumentParser):

@@ -86,14 +86,17 @@ def _flex_runs(device: torch.device, training: bool) -> bool:
     return flex_available() and (device.type == "cuda" or not training)
 
 
-def sdpa_mask(q_len: int, start: int, alibi: ALiBi | None, device: torch.device) -> SdpaMask:
+def sdpa_mask(q_len: int, start: int | Tensor, alibi: ALiBi | None, device: torch.device) -> SdpaMask:
     """What SDPA needs to keep each query from seeing later keys, for queries start..start+q_len-1 of
     start+q_len keys.
 
     SDPA's is_causal aligns the mask to the top-left corner, which is right only when there is no cached prefix;
     a single new query may see every key; anything else gets an explicit bottom-right mask. ALiBi always brings
-    its own mask (bias + causal -inf).
+    its own mask (bias + causal -inf). A tensor `start` (rows of a KV cache that hold different lengths) gets a
+    mask per row.
     """
+    if isinstance(start, Tensor):
+        return SdpaMask(alibi.rows(start, q_len) if alibi is not None else causal_mask_rows(start, q_len), False)
     k_len = start + q_len
     if alibi is not None:
         return SdpaMask(alibi(q_len, k_len), False)
@@ -103,6 +106,15 @@ def sdpa_mask(q_len: int, start: int, alibi: ALiBi | None, device: torch.device)
         return SdpaMask(None, False)
     i = torch.arange(start, k_len, device=device)[:, None]
     return SdpaMask(torch.arange(k_len, device=device)[None, :] <= i, False)
+
+
+def causal_mask_rows(start: Tensor, q_len: int) -> Tensor:
+    """Boolean mask (B, 1, q_len, K) for rows of their own lengths: query i of row b sits at position
+    start[b] + i and may see the keys up to it; K = the longest row's key count (`KVCache.update`)."""
+    i = start[:, None, None, None] + torch.arange(q_len, device=start.device)[:, None]
+    j = torch.arange(int(start.max()) + q_len, device=start.device)
+    return j <= i
+
 
 
 class BlockMasks:

@@ -163,6 +163,13 @@ def _export_refusal(config: GPTConfig) -> str:
             f"README's section on exporting lists what exports as what)")
 
 
+# A prompt longer than this many training contexts is cut to its last part for sinusoidal, ALiBi and RoPE models
+# (sample.py), or refused (the server): they take any length, but reading it costs memory that grows with the
+# square of its length, and these models are not measured beyond 8 contexts (BENCHMARKS.md) anyway. Learned
+# positions see at most one context.
+PROMPT_CONTEXTS = 8
+
+
 def _default_model() -> GPTConfig:
     """The `python train.py` model: the shape that reached the lowest bits per byte in about two minutes on a
     2-core CPU (BENCHMARKS.md, "Retuning the default run"). Two layers beat three and four there: at this budget a

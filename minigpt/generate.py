@@ -5,7 +5,8 @@ Each step turns the logits of the last position into one token per row:
     logits ─► / temperature ─► keep top-k ─► keep nucleus (top-p) ─► softmax ─► draw (or argmax if temperature 0)
 
 `generate_tokens` yields the tokens as they are chosen so that a CLI can print text while it is being written;
-`GPT.generate` collects them into one tensor.
+`GPT.generate` collects them into one tensor. Both run through the engine (engine.py), the one decoding path that
+also serves many requests at once; this module holds the sampling controls it applies to each row.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .model import GPT, KVCache, check_token_ids
+from .model import GPT, check_token_ids
 
 
 def generate_tokens(
@@ -42,59 +43,35 @@ def generate_tokens(
       one token per row), and the iteration ends as soon as all rows are finished.
     - use_cache: keep each layer's keys and values so that a step costs one position of work. Learned-position
       models slide a block_size window once the text outgrows it; then every cached key moves to a new position,
-      so the cache is re-primed on the window. Sinusoidal and ALiBi models just keep extending the cache.
+      so the cache is re-primed on the window. Sinusoidal, ALiBi and RoPE models just keep extending the cache.
     - vocab_limit: ids at or above it are never chosen: the unused rows of an embedding padded beyond the
       tokenizer's ids (common in pretrained models, e.g. 50304 rows for GPT-2's 50257 ids), which no text decodes.
 
     The model is used as it is: call model.eval() first if it has dropout. Arguments are checked at the call,
     before the first token is asked for.
     """
-    _check_sampling_args(model.config.vocab_size, max_new_tokens, temperature, top_k, top_p, stop_id)
+    from .engine import Engine, Sampling, Sequence  # the engine builds on this module
+
+    check_sampling_args(model.config.vocab_size, max_new_tokens, temperature, top_k, top_p, stop_id)
     check_token_ids(idx, model.config.vocab_size)
     if isinstance(generator, int):
         generator = torch.Generator(device=idx.device).manual_seed(generator)
-    if vocab_limit is not None and (not _is_int(vocab_limit) or not 1 <= vocab_limit <= model.config.vocab_size):
-        raise ConfigError(f"vocab_limit must be in [1, {model.config.vocab_size}] (or None), got {vocab_limit!r}")
-    return _sample_loop(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_id,
-                        vocab_limit)
+    engine = Engine(model, max_batch=idx.shape[0], vocab_limit=vocab_limit, use_cache=use_cache)
+    sampling = Sampling(temperature, top_k, top_p, generator)  # one for all rows: drawn together, in row order
+    rows = [engine.add(Sequence(row, max_new_tokens, sampling, stop_id)) for row in idx.tolist()]
+    return _steps(engine, rows, stop_id, idx.device)
 
 
-def _sample_loop(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-                 top_p: float | None, use_cache: bool, generator: torch.Generator | None,
-                 stop_id: int | None, vocab_limit: int | None) -> Iterator[Tensor]:
-    cfg = model.config
-    if max_new_tokens == 0:
-        return
-    batch, prompt_len = idx.shape
-    window = cfg.context_limit  # None: the model takes any length
-    tokens = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=idx.device)
-    tokens[:, :prompt_len] = idx
-    length = prompt_len
-    cache = None
-    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
-
-    with torch.inference_mode(), _decoding_attention():
-        if use_cache:
-            capacity = prompt_len + max_new_tokens - 1  # the last chosen token is never fed back
-            cache = model.new_cache(batch, capacity if window is None else min(capacity, window))
-        logits = _last_logits(model, tokens[:, :length], window, cache, prime=True)[:, :vocab_limit]
-
-    for step in range(max_new_tokens):
-        next_ids = choose_next(logits, temperature, top_k, top_p, generator)
-        if stop_id is not None:
-            next_ids = next_ids.masked_fill(finished, stop_id)
-            finished |= next_ids == stop_id
-        yield next_ids
-        if step + 1 == max_new_tokens or (stop_id is not None and bool(finished.all())):
-            return
-        tokens[:, length] = next_ids
-        length += 1
-        with torch.inference_mode(), _decoding_attention():
-            logits = _last_logits(model, tokens[:, :length], window, cache, prime=False)[:, :vocab_limit]
+def _steps(engine, rows: list, stop_id: int | None, device: torch.device) -> Iterator[Tensor]:
+    step = 0
+    while engine.has_work:
+        engine.step()
+        yield torch.tensor([row.tokens[step] if step < len(row.tokens) else stop_id for row in rows], device=device)
+        step += 1
 
 
 @contextlib.contextmanager
-def _decoding_attention() -> Iterator[None]:
+def decoding_attention() -> Iterator[None]:
     """Attention kernels for decoding: any but cuDNN's. Its kernel (torch's choice for half precision with an
     attention bias on recent GPUs) builds a new plan for every key length, and decoding grows that length by one
     each token: on an H200 that cost 6.4 ms per call, a bfloat16 6-layer model decoding at 23 tokens/s against
@@ -109,19 +86,6 @@ def _decoding_attention() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was_enabled)
-
-
-def _last_logits(model: GPT, tokens: Tensor, window: int | None, cache: KVCache | None, prime: bool) -> Tensor:
-    """Logits (B, vocab) of the position after `tokens`, doing as little work as the cache allows."""
-    if window is not None and tokens.shape[1] > window:
-        tokens = tokens[:, -window:]  # learned positions: the model sees the last block_size tokens
-        if cache is not None and not prime:
-            cache.reset()  # the window slid: every cached key now sits at a different position
-            prime = True
-    if cache is not None and not prime:
-        tokens = tokens[:, -1:]  # everything before is in the cache
-    hidden = model.hidden_states(tokens, cache)
-    return model.head(hidden[:, -1])  # only the last position is needed: skip (T - 1) x vocab of the head
 
 
 def choose_next(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
@@ -158,7 +122,7 @@ def keep_top_p(logits: Tensor, p: float) -> Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def _check_sampling_args(vocab_size: int, max_new_tokens: int, temperature: float, top_k: int | None,
+def check_sampling_args(vocab_size: int, max_new_tokens: int, temperature: float, top_k: int | None,
                          top_p: float | None, stop_id: int | None) -> None:
     """Raise ConfigError naming the argument and its allowed range."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:

@@ -30,8 +30,10 @@ class LearnedPositions(nn.Module):
         super().__init__()
         self.table = nn.Embedding(block_size, n_embd)
 
-    def forward(self, start: int, length: int) -> Tensor:
-        end = start + length
+    def forward(self, start: int | Tensor, length: int) -> Tensor:
+        """Rows (length, n_embd) of positions start..start+length-1; with a tensor of starts (one per row of a
+        batch), (B, length, n_embd)."""
+        end = start + length if isinstance(start, int) else int(start.max()) + length
         block_size = self.table.num_embeddings
         if end > block_size:
             raise ConfigError(
@@ -39,6 +41,8 @@ class LearnedPositions(nn.Module):
                 f"(block_size={block_size}); crop the input to {block_size} tokens or use positions='sinusoidal' "
                 "or 'alibi', which handle any length"
             )
+        if isinstance(start, Tensor):
+            return self.table(positions_of_rows(start, length))
         return self.table.weight[start:end]  # a slice, not a lookup: no index tensor to build
 
 
@@ -47,13 +51,23 @@ def sinusoidal_table(length: int, dim: int, start: int = 0) -> Tensor:
 
     Computed in float64 and rounded once, so that far positions (large t) are as exact as float32 allows.
     """
-    t = torch.arange(start, start + length, dtype=torch.float64)[:, None]
-    inverse_wavelength = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return sinusoids(torch.arange(start, start + length), dim)
+
+
+def sinusoids(positions: Tensor, dim: int) -> Tensor:
+    """The rows of the sinusoidal table (see sinusoidal_table) for any positions: shape positions.shape + (dim,)."""
+    t = positions.to(torch.float64)[..., None]
+    inverse_wavelength = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=t.device) / dim)
     angles = t * inverse_wavelength
-    table = torch.empty(length, dim, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(angles)
-    table[:, 1::2] = torch.cos(angles)
+    table = torch.empty(*positions.shape, dim, dtype=torch.float64, device=t.device)
+    table[..., 0::2] = torch.sin(angles)
+    table[..., 1::2] = torch.cos(angles)
     return table.float()
+
+
+def positions_of_rows(start: Tensor, length: int) -> Tensor:
+    """(B, length) positions start[b] .. start[b] + length - 1: the rows of a batch whose lengths differ."""
+    return start[:, None] + torch.arange(length, device=start.device)
 
 
 class SinusoidalPositions(nn.Module):
@@ -73,7 +87,13 @@ class SinusoidalPositions(nn.Module):
         # Not persistent: it is a function of the config, so it has no business in a checkpoint.
         self.register_buffer("table", scale * sinusoidal_table(block_size, n_embd), persistent=False)
 
-    def forward(self, start: int, length: int) -> Tensor:
+    def forward(self, start: int | Tensor, length: int) -> Tensor:
+        """Like LearnedPositions.forward: (length, n_embd), or (B, length, n_embd) for a tensor of starts."""
+        if isinstance(start, Tensor):
+            positions = positions_of_rows(start, length)
+            if int(positions.max()) < self.table.shape[0]:
+                return self.table[positions]
+            return (self.scale * sinusoids(positions, self.table.shape[1])).to(self.table)
         end = start + length
         if end <= self.table.shape[0]:
             return self.table[start:end]
@@ -110,6 +130,15 @@ def alibi_mask(slopes: Tensor, q_len: int, k_len: int) -> Tensor:
     return bias.masked_fill(j > i, float("-inf"))
 
 
+def alibi_mask_rows(slopes: Tensor, start: Tensor, q_len: int) -> Tensor:
+    """alibi_mask for rows of their own lengths: (B, H, q_len, K), query i of row b at position start[b] + i,
+    keys 0 .. K-1 with K the longest row's key count; keys past a row's own query are -inf."""
+    i = positions_of_rows(start, q_len)[:, None, :, None]  # (B, 1, q_len, 1)
+    j = torch.arange(int(start.max()) + q_len, device=start.device)
+    bias = -slopes[:, None, None].to(start.device) * (i - j).to(slopes.dtype)  # (B, H, q_len, K)
+    return bias.masked_fill(j > i, float("-inf"))
+
+
 class ALiBi(nn.Module):
     """Holds the slopes and a small cache of masks, built once per (length, dtype, device) and reused."""
 
@@ -137,6 +166,10 @@ class ALiBi(nn.Module):
             mask = self._masks[key] = alibi_mask(self.slopes, q_len, k_len)[None]
         return mask
 
+    def rows(self, start: Tensor, q_len: int) -> Tensor:
+        """The (B, H, q_len, K) mask of rows whose queries start at their own positions (see alibi_mask_rows)."""
+        return alibi_mask_rows(self.slopes, start, q_len)
+
 
 class RotaryPositions(nn.Module):
     """RoPE's cosines and sines for each position: those of the sinusoidal table, one angle per pair of channels.
@@ -154,8 +187,15 @@ class RotaryPositions(nn.Module):
         self.register_buffer("cos", table[:, 1::2].contiguous(), persistent=False)
         self.register_buffer("sin", table[:, 0::2].contiguous(), persistent=False)
 
-    def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
-        """cos and sin, each (length, d/2), of positions start .. start + length - 1."""
+    def forward(self, start: int | Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """cos and sin, each (length, d/2), of positions start .. start + length - 1; for a tensor of starts (one per
+        row), each (B, 1, length, d/2), which broadcasts over the heads."""
+        if isinstance(start, Tensor):
+            positions = positions_of_rows(start, length)
+            if int(positions.max()) < self.cos.shape[0]:
+                return self.cos[positions][:, None], self.sin[positions][:, None]
+            table = sinusoids(positions, 2 * self.cos.shape[1]).to(self.cos)
+            return table[..., 1::2][:, None], table[..., 0::2][:, None]
         end = start + length
         if end <= self.cos.shape[0]:
             return self.cos[start:end], self.sin[start:end]

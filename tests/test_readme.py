@@ -85,3 +85,13 @@ def test_the_cuda_check_resumes_a_run_in_the_precision_it_was_trained_in():
     assert resumed
     for name, flags in resumed:
         assert f"--dtype {trained[name]}" in flags, (name, flags)
+
+
+def test_engine_from_python(checkpoint):
+    (code,) = [c for c in python_blocks("Serving: an OpenAI-compatible server, and a page") if "Engine(" in c]
+    model, tokenizer, _ = load_model(checkpoint)
+    scope = {"model": model, "tokenizer": tokenizer, "torch": torch}
+    exec(code, scope)
+    a, b = scope["a"], scope["b"]
+    assert len(a.tokens) == 50 and a.finish_reason == "length"
+    assert b.finish_reason == "length" and len(b.tokens) == 20 or b.finish_reason == "stop"

@@ -1,0 +1,150 @@
+"""Serve a model over OpenAI's completions API, with a page to try it at the same address.
+
+    python -m minigpt.serve out                       # a checkpoint folder written by train.py (or out/best)
+    python -m minigpt.serve --init-from ./gpt2-local  # a GPT-2-family model: a Hugging Face folder or hub name
+    python -m minigpt.serve out --port 0              # any free port; the address printed is the one bound
+
+Requests that arrive together are decoded together (minigpt/engine.py). Ctrl-C stops taking requests, lets those
+in flight finish for a few seconds, cancels the rest, and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from .config import DEVICES, DTYPES, OPEN_CHOICES, expand_path
+from .errors import ConfigError, MinigptError, run_cli
+from .server import EngineWorker, ServerLimits
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see `python -m minigpt.serve --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    limits = ServerLimits()
+    p = _Parser(prog="python -m minigpt.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", nargs="?", type=expand_path, default=None,
+                   help="checkpoint folder written by train.py (its best/ subfolder: the best-validation model)")
+    p.add_argument("--init-from", metavar="FOLDER|NAME", type=expand_path, default=None,
+                   help="a pretrained GPT-2-family model instead: a Hugging Face folder or hub name (gpt2, ...)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000); 0 picks a free one")
+    p.add_argument("--device", default="auto",
+                   help=f"one of {', '.join(DEVICES)}, or {OPEN_CHOICES['device']} (default: auto: cuda, else mps, "
+                        "else cpu)")
+    p.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPES)} (default: auto, bfloat16 on CUDA "
+                   "(float16 on GPUs without bfloat16), float32 elsewhere)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="CPU inference with int8 Linear weights (faster decoding, slightly higher loss)")
+    p.add_argument("--max-batch", type=int, default=limits.max_batch, help=f"sequences decoded together (default: {limits.max_batch})")
+    p.add_argument("--max-queue", type=int, default=limits.max_queue,
+                   help=f"sequences waiting for a place (default: {limits.max_queue}); more requests are refused "
+                        "with 429 and Retry-After")
+    p.add_argument("--max-tokens", type=int, default=limits.max_tokens,
+                   help=f"the largest max_tokens a request may ask for (default: {limits.max_tokens})")
+    p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+                   help="after Ctrl-C, how long requests in flight may finish before they are cancelled (default: 5)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the model (default: torch's choice, one per core)")
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    if (args.out_dir is None) == (args.init_from is None):
+        raise ConfigError("give a checkpoint folder (python -m minigpt.serve out) or --init-from, not both or none")
+    for name in ("max_batch", "max_queue", "max_tokens", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.grace < 0:
+        raise ConfigError(f"--grace must be >= 0 seconds, got {args.grace}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    import torch
+
+    from .device import autocast_dtype, resolve_device
+    from .server import create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    amp_dtype = autocast_dtype(args.dtype, device)
+    if args.init_from:
+        from .hf import load_pretrained, load_tokenizer
+
+        model = load_pretrained(args.init_from).to(device)
+        tokenizer = load_tokenizer(args.init_from, model.config.vocab_size)
+        model_id = str(args.init_from).rstrip("/")
+        model_id = Path(model_id).name if Path(model_id).is_dir() else model_id
+    else:
+        from .checkpoint import load_model
+
+        model, tokenizer, _ = load_model(args.out_dir, device)
+        model_id = Path(args.out_dir).resolve().name
+    if args.quantize:
+        if device.type != "cpu" or amp_dtype is not None:
+            raise ConfigError("--quantize int8 is for CPU inference in float32; add --device cpu (and no --dtype)")
+        from .quantize import quantize_int8
+
+        model = quantize_int8(model)
+    step_context = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    limits = ServerLimits(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens)
+    app = create_app(model, tokenizer, model_id, limits, step_context)
+
+    sock = _listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {model_id} ({model.num_parameters():,} parameters, {device}) at http://{shown}:{port}  "
+          f"(OpenAI API under /v1; Ctrl-C to stop)", flush=True)
+    server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1), app.state.worker, args.grace)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again so that a default handler can
+    # end the process; the shutdown is already complete by then, so these no-op handlers let main return 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose shutdown first lets the engine finish its requests (`grace` seconds at most) and
+    cancels the rest, so that every response ends properly before uvicorn closes the connections."""
+
+    def __init__(self, config: uvicorn.Config, worker: EngineWorker, grace: float) -> None:
+        super().__init__(config)
+        self.worker, self.grace = worker, grace
+
+    async def shutdown(self, sockets=None) -> None:
+        await self.worker.drain(self.grace)
+        await super().shutdown(sockets)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before anything is printed, so that the address shown is the one in use."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r} is not an address this machine knows: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise MinigptError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port (0: any free one)"
+                           ) from None
+    sock.listen(2048)
+    return sock
+
+
+if __name__ == "__main__":
+    run_cli(main)
