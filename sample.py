@@ -13,7 +13,6 @@ at the end-of-text token, or at a --stop string (not printed).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import random
@@ -133,31 +132,12 @@ def main() -> int:
 
         items = read_items(args.eval_choices, args.limit)  # a bad line stops here, before a model is loaded
 
-    import torch  # after the arguments are known to be valid: a typo answers at once
+    from minigpt.inference import load_for_inference  # imports torch: after the arguments are known to be valid
 
-    from minigpt.attention import choose_attention
-    from minigpt.checkpoint import load_model
-    from minigpt.device import autocast_dtype, resolve_device
-
-    device = resolve_device(args.device)
-    amp_dtype = autocast_dtype(args.dtype, device)
-    if args.init_from:
-        from minigpt.hf import load_pretrained, load_tokenizer
-
-        model = load_pretrained(args.init_from).to(device)
-        tokenizer, config = load_tokenizer(args.init_from, model.config.vocab_size), {"model": model.config.to_dict()}
-    else:
-        model, tokenizer, config = load_model(args.out_dir or TrainConfig().out_dir, device)
-    if args.quantize:
-        if device.type != "cpu":
-            raise ConfigError(f"--quantize int8 is for CPU inference; add --device cpu (the device here is {device})")
-        if amp_dtype is not None:
-            raise ConfigError(f"--quantize int8 runs in float32; leave out --dtype {args.dtype}")
-        from minigpt.quantize import quantize_int8
-
-        model = quantize_int8(model)
-    model.attention = choose_attention(args.attention, model.config, device, training=False)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    loaded = load_for_inference(args.out_dir or TrainConfig().out_dir, args.init_from, args.device, args.dtype,
+                                args.quantize, args.attention)
+    model, tokenizer, config, device = loaded.model, loaded.tokenizer, loaded.config, loaded.device
+    autocast = loaded.autocast()
     if args.eval:
         return evaluate_file(args, model, tokenizer, config, device, autocast)
     if args.eval_choices:

@@ -10,7 +10,6 @@ in flight finish for a few seconds, cancels the rest, and exits.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import socket
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
-from .config import DEVICES, DTYPES, OPEN_CHOICES, expand_path
+from .config import ATTENTION_CHOICES, DEVICES, DTYPES, OPEN_CHOICES, expand_path
 from .errors import ConfigError, MinigptError, run_cli
 from .server import EngineWorker, ServerLimits
 
@@ -42,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "else cpu)")
     p.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPES)} (default: auto, bfloat16 on CUDA "
                    "(float16 on GPUs without bfloat16), float32 elsewhere)")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="attention kernel of the prompts' prefill, as sample.py's (default: auto: flex for ALiBi on "
+                        "CUDA, else sdpa)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="CPU inference with int8 Linear weights (faster decoding, slightly higher loss)")
     p.add_argument("--max-batch", type=int, default=limits.max_batch, help=f"sequences decoded together (default: {limits.max_batch})")
@@ -70,39 +72,22 @@ def main() -> int:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     import torch
 
-    from .device import autocast_dtype, resolve_device
+    from .inference import load_for_inference
     from .server import create_app
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    amp_dtype = autocast_dtype(args.dtype, device)
-    if args.init_from:
-        from .hf import load_pretrained, load_tokenizer
-
-        model = load_pretrained(args.init_from).to(device)
-        tokenizer = load_tokenizer(args.init_from, model.config.vocab_size)
-        model_id = str(args.init_from).rstrip("/")
-        model_id = Path(model_id).name if Path(model_id).is_dir() else model_id
-    else:
-        from .checkpoint import load_model
-
-        model, tokenizer, _ = load_model(args.out_dir, device)
-        model_id = Path(args.out_dir).resolve().name
-    if args.quantize:
-        if device.type != "cpu" or amp_dtype is not None:
-            raise ConfigError("--quantize int8 is for CPU inference in float32; add --device cpu (and no --dtype)")
-        from .quantize import quantize_int8
-
-        model = quantize_int8(model)
-    step_context = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    loaded = load_for_inference(args.out_dir, args.init_from, args.device, args.dtype, args.quantize, args.attention)
+    model = loaded.model
+    name = str(args.init_from or args.out_dir).rstrip("/")
+    model_id = Path(name).resolve().name if Path(name).is_dir() else name  # a folder's name, or the hub name
     limits = ServerLimits(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens)
-    app = create_app(model, tokenizer, model_id, limits, step_context)
+    app = create_app(model, loaded.tokenizer, model_id, limits, loaded.autocast)
 
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {model_id} ({model.num_parameters():,} parameters, {device}) at http://{shown}:{port}  "
+    print(f"serving {model_id} ({model.num_parameters():,} parameters, {loaded.device}) at http://{shown}:{port}  "
           f"(OpenAI API under /v1; Ctrl-C to stop)", flush=True)
     server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1), app.state.worker, args.grace)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again so that a default handler can

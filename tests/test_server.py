@@ -366,6 +366,8 @@ def test_ctrl_c_ends_the_streams_in_flight_and_exits_0(checkpoint, tmp_path):
     ([], "give a checkpoint folder"),
     (["out", "--max-batch", "0"], "--max-batch"),
     (["out", "--port", "70000"], "--port"),
+    (["out", "--attention", "flash"], "--attention"),  # the settings sample.py takes, refused as it refuses them
+    (["out", "--quantize", "int8", "--dtype", "bfloat16", "--device", "cpu"], "leave out --dtype bfloat16"),
 ])
 def test_bad_command_lines_fail_in_one_line(args, words, tmp_path, monkeypatch, capsys):
     from minigpt import serve
