@@ -68,3 +68,33 @@ def interrupt_at(monkeypatch, batches: int) -> None:
         return real(self)
 
     monkeypatch.setattr(BatchLoader, "next_batch", next_batch)
+
+
+def gpt2_style_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE trained by `tokenizers` set up as GPT-2's was (no prefix space, <|endoftext|>, all 256
+    bytes): the reference tokenizer of the Hugging Face tests (save it with .save() / .model.save())."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return tok
+
+
+def overflow_at(monkeypatch, calls: int) -> None:
+    """Make the gradient of the `calls`-th training forward infinite, as a float16 overflow would."""
+    real, count = GPT.forward, {"n": 0}
+
+    def forward(self, idx, targets=None, **kwargs):
+        logits, loss = real(self, idx, targets, **kwargs)
+        if targets is not None and self.training:
+            count["n"] += 1
+            if count["n"] == calls:
+                loss.register_hook(lambda grad: grad * float("inf"))
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)

@@ -7,7 +7,6 @@ import random
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minigpt import GPT, GPTConfig, MinigptError
@@ -16,7 +15,7 @@ from minigpt.choices import ChoiceSet, Item, accuracies, read_items
 from minigpt.trainer import train
 from tokenizer import Tokenizer
 
-from helpers import WORDS, records, tiny_config, write_corpus
+from helpers import WORDS, gpt2_style_tokenizer, records, tiny_config, write_corpus
 from test_hf import cli, one_line_error, sample_cli
 
 BLOCK = 16
@@ -105,13 +104,8 @@ def gpt2_dir(tmp_path_factory):
     """A random GPT2LMHeadModel saved by save_pretrained, with a byte-level BPE trained by `tokenizers`: the
     layout of the hub's gpt2 folder. Its 24 positions cut the longest items."""
     folder = tmp_path_factory.mktemp("gpt2")
-    hf_tok = HFTokenizer(models.BPE())
-    hf_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf_tok.decoder = decoders.ByteLevel()
     text = write_corpus(tmp_path_factory.mktemp("corpus") / "c.txt", sentences=400).read_text()
-    hf_tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                           show_progress=False))
+    hf_tok = gpt2_style_tokenizer([text], 320)
     hf_tok.save(str(folder / "tokenizer.json"))
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=24, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,

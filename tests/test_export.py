@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -16,6 +14,7 @@ from minigpt import GPT, ConfigError, GPTConfig
 from minigpt.checkpoint import save_checkpoint
 from minigpt.export import EXPORT_MARKER, save_hf_folder
 from minigpt.export import main as export_main
+from tests.helpers import gpt2_style_tokenizer
 from tests.test_hf import TEXT, cli, one_line_error, reference
 from tokenizer import Tokenizer
 
@@ -152,12 +151,7 @@ def test_export_loads_in_transformers_with_our_logits_and_ids(tok, tmp_path, sha
 def test_exported_end_of_text_id_is_the_tokenizers(tmp_path):
     """A tokenizer whose <|endoftext|> is id 0 (as `tokenizers` numbers special tokens first): the config's eos and
     bos, the generation config's, and transformers' tokenizer all agree with it."""
-    trained = HFTokenizer(models.BPE())
-    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trained.decoder = decoders.ByteLevel()
-    trained.train_from_iterator([TEXT] * 5, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    trained = gpt2_style_tokenizer([TEXT] * 5, 300)
     trained.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer.from_huggingface(tmp_path / "tokenizer.json")
     assert tok.eot_id == 0

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import train as train_cli
 from minigpt import GPT, ConfigError
@@ -19,7 +18,7 @@ from minigpt.optim import lr_at
 from minigpt.trainer import train
 from tokenizer import Tokenizer
 
-from helpers import records, tiny_config, write_corpus
+from helpers import gpt2_style_tokenizer, records, tiny_config, write_corpus
 from test_hf import cli, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,13 +81,8 @@ def test_a_run_steps_the_tokens_it_was_asked_for(tmp_path, capsys):
 def hf_folder(tmp_path_factory) -> Path:
     """GPT-2's tokenizer files at toy size: tokenizer.json, and vocab.json + merges.txt in a folder of their own."""
     folder = tmp_path_factory.mktemp("hf")
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     text = write_corpus(tmp_path_factory.mktemp("corpus") / "c.txt", sentences=400).read_text()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
+    tok = gpt2_style_tokenizer([text], 300)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "vocab_merges").mkdir()
     tok.model.save(str(folder / "vocab_merges"))

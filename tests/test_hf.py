@@ -12,8 +12,6 @@ from unittest import mock
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import train as train_cli
@@ -24,7 +22,7 @@ from minigpt.errors import run_cli
 from minigpt.export import main as export_main
 from minigpt.export import save_hf_folder
 from minigpt.quantize import quantize_int8
-from tests.helpers import write_corpus
+from tests.helpers import gpt2_style_tokenizer, write_corpus
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +35,7 @@ def gpt2_dir(tmp_path_factory) -> Path:
     """What the hub's GPT-2 folders hold, at toy size: a random GPT2LMHeadModel saved by save_pretrained, and a
     byte-level BPE trained by `tokenizers` saved as tokenizer.json and as vocab.json + merges.txt."""
     folder = tmp_path_factory.mktemp("gpt2")
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "minigpt").glob("*.py"))]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
+    tok = gpt2_style_tokenizer([p.read_text(encoding="utf-8") for p in sorted((ROOT / "minigpt").glob("*.py"))], VOCAB)
     tok.save(str(folder / "tokenizer.json"))
     tok.model.save(str(folder))
     torch.manual_seed(0)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from tests.helpers import gpt2_style_tokenizer
 from tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -28,12 +28,7 @@ def corpus() -> list[str]:
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
     """A byte-level BPE trained by `tokenizers` the way GPT-2's was set up, saved in both file forms."""
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(corpus(), trainer)
+    hf = gpt2_style_tokenizer(corpus(), 700)
     folder = tmp_path_factory.mktemp("hf_tok")
     hf.save(str(folder / "tokenizer.json"))
     hf.model.save(str(folder))  # vocab.json + merges.txt

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt import GPT
 from minigpt.checkpoint import read_config
 from minigpt.errors import ConfigError
 from minigpt.optim import lr_at
@@ -18,7 +17,7 @@ from minigpt.stopping import CORRECT_AT, MEASURE_STEPS, SKIP_STEPS
 from minigpt import trainer
 from minigpt.trainer import train
 
-from helpers import interrupt_at, records, tiny_config, untimed, write_corpus
+from helpers import interrupt_at, overflow_at, records, tiny_config, untimed, write_corpus
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -166,21 +165,6 @@ def test_label_smoothing_changes_the_training_loss_but_not_the_evaluation(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------- float16
-def overflow_at(monkeypatch, calls):
-    """Make the gradient of the `calls`-th training forward infinite, as a float16 overflow would."""
-    real, count = GPT.forward, {"n": 0}
-
-    def forward(self, idx, targets=None, **kwargs):
-        logits, loss = real(self, idx, targets, **kwargs)
-        if targets is not None and self.training:
-            count["n"] += 1
-            if count["n"] == calls:
-                loss.register_hook(lambda grad: grad * float("inf"))
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
-
-
 def test_float16_logs_the_true_gradient_norm(tmp_path, corpus):
     """The scaled loss is 65536 x larger; unscaling before the norm and the clip gives the float32 numbers."""
     half = train(tiny_config(*corpus, tmp_path / "half", max_iters=6, eval_interval=6, dtype="float16"))

@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 import train as train_cli
 from data.errors import DataError
 from data.loader import BatchLoader
-from minigpt import GPT, train_state
+from minigpt import train_state
 from minigpt.checkpoint import read_config
 from minigpt.errors import CheckpointError, ConfigError
 from minigpt.train_state import VERSION, TrainState
 from minigpt.trainer import train
 
-from helpers import records, tiny_config, write_corpus
+from helpers import overflow_at, records, tiny_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -135,21 +135,6 @@ def test_without_its_corpus_or_prepared_tokens_a_resume_says_what_is_missing(tmp
 
 
 # ------------------------------------------------------------------------------------------------ precision
-def overflow_at(monkeypatch, calls):
-    """Make the gradient of the `calls`-th training forward infinite, as a float16 overflow would."""
-    real, count = GPT.forward, {"n": 0}
-
-    def forward(self, idx, targets=None, **kwargs):
-        logits, loss = real(self, idx, targets, **kwargs)
-        if targets is not None and self.training:
-            count["n"] += 1
-            if count["n"] == calls:
-                loss.register_hook(lambda grad: grad * float("inf"))
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
-
-
 def test_resume_continues_in_the_checkpoints_precision(tmp_path, corpus):
     """A float16 run resumed without --dtype goes on in float16 with its loss scaler, as a straight run does."""
     straight = train(tiny_config(*corpus, tmp_path / "a", max_iters=8, eval_interval=4, dtype="float16"))
