@@ -52,7 +52,7 @@ fi
 # each test as it ends, so a run cut by the timeout still says which passed. The whole log is in tests.txt.
 if wanted tests; then
     TESTS_S=$((TOTAL_S - (SECONDS - started)))
-    workers=$(python3 -c "import importlib.util; print('-n 3 --dist loadfile' if importlib.util.find_spec('xdist') else '')")
+    workers=$(python3 -c "import importlib.util as u; print('-n 3 --dist loadfile' if u.find_spec('xdist') else '')")
     part "CUDA tests (timeout $TESTS_S s) $workers" | tee "$OUT/tests.txt"
     MINIGPT_TEST_DEVICE=cuda timeout "$TESTS_S" python3 -m pytest -v -p no:cacheprovider $workers \
         tests/test_attention.py tests/test_compile.py tests/test_train.py 2>&1 | tee -a "$OUT/tests.txt" | tail -n 40
