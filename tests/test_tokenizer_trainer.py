@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, TokenizerError
-from tokenizer.trainer import PAIR, count_pieces, index_pairs, learn_merges, train_bpe
+from tokenizer.piece_table import PAIR, PieceTable
+from tokenizer.trainer import count_pieces, learn_merges, train_bpe
 
 
 def reference_train(words: dict, vocab: list, vocab_size: int, min_frequency: int = 1) -> list:
@@ -53,7 +54,8 @@ def char_words(counts: dict[str, int]) -> tuple[dict, list]:
 
 def test_worked_example_pair_counts_and_first_merges():
     words, vocab = char_words({"hug": 10, "pug": 5, "pun": 12, "bun": 4, "hugs": 5})
-    pair_counts, _ = index_pairs([list(w) for w in words], list(words.values()))
+    table = PieceTable([s for w in words for s in w], [len(w) for w in words], list(words.values()))
+    pair_counts = table.pair_counts()
     named = {vocab[k // PAIR] + vocab[k % PAIR]: c for k, c in pair_counts.items()}
     assert named == {"ug": 20, "pu": 17, "un": 16, "hu": 15, "gs": 5, "bu": 4}
     merges = learn_merges(words, vocab, len(vocab) + 3)
