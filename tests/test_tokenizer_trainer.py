@@ -4,8 +4,12 @@ import time
 from collections import Counter
 
 import pytest
+import regex
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, TokenizerError
+from tokenizer.patterns import splitter
 from tokenizer.piece_table import PAIR, PieceTable
 from tokenizer.trainer import count_pieces, learn_merges, train_bpe
 
@@ -266,3 +270,32 @@ def test_a_long_piece_trains_in_about_linear_time(unit):
     short = min(seconds(200_000) for _ in range(3))
     ratio = min(seconds(800_000) for _ in range(2)) / short
     assert ratio < 8, f"4x the length took {ratio:.1f}x the time (linear: about 4x, quadratic: about 16x)"
+
+
+# Fragments where the two engines or the safe cuts could disagree: every ASCII space and control character
+# (\x1c-\x1f are spaces to `re` but not to `regex`), contractions in both cases, digit runs, a final newline, and
+# non-ASCII letters, digits and spaces (long s folds to "s", NBSP and NEL are spaces, "²" a number).
+FRAGMENTS = ["a", "Zq", "x", "'s", "'S", "'ll", "'LL", "'Ve", "'re", "'", "12", "12345", ".", "!?", "(", "_",
+             " ", "  ", "\t", "\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x1f", "\x00", "\x7f",
+             "é", "ſ", "'ſ", "²", "\u00a0", "\u0085", "\u2028", "😀", "日本"]
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN], ids=["gpt2", "gpt4"])
+def test_the_ascii_classes_are_the_ones_regex_uses(pattern):
+    ascii_chars = [chr(c) for c in range(128)]
+    for cls, expected in [(r"\s", "\t\n\x0b\x0c\r "), (r"\p{L}", "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"),
+                          (r"\p{N}", "0123456789")]:
+        assert "".join(c for c in ascii_chars if regex.fullmatch(cls, c)) == expected
+    split = splitter(pattern)
+    for c in ascii_chars:  # one character, and each character between words, at the end, doubled
+        for text in (c, f"ab{c}cd", f"ab {c} 1{c}", f"x{c}\n", c * 2 + "y"):
+            assert split(text) == regex.findall(pattern, text), repr(text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join))
+def test_the_splitter_gives_the_patterns_pieces(text):
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        assert splitter(pattern)(text) == regex.findall(pattern, text)
+        ascii_only = text.encode("ascii", "ignore").decode()
+        assert splitter(pattern)(ascii_only) == regex.findall(pattern, ascii_only)

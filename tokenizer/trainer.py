@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import TokenizerError
-from .patterns import PATTERNS, compile_pattern, fast_equivalent, next_safe_cut
+from .patterns import PATTERNS, compile_pattern, next_safe_cut, splitter
 from .piece_table import PAIR, PieceTable
 
 TIE_BREAK = "highest pair count first; ties: smallest (left_id, right_id) pair"
@@ -150,10 +150,10 @@ def _batches(texts: Union[str, Iterable[str]], batch_chars: int) -> Iterator[lis
 
 def _count_texts(pattern: str, texts: list[str], counter: Counter) -> int:
     """Add the pieces of ``texts`` to ``counter``; return how many characters were counted."""
-    findall = compile_pattern(fast_equivalent(pattern)).findall
+    split = splitter(pattern)
     check = pattern not in PATTERNS.values()  # the built-in patterns match every character
     for text in texts:
-        pieces = findall(text)
+        pieces = split(text)
         if check and sum(map(len, pieces)) != len(text):  # text between matches would be dropped from training
             raise TokenizerError(f"split pattern {pattern!r} does not cover all of the text: some characters are "
                                  f"in no piece; add an alternative such as |\\s|. that matches what is left")
