@@ -220,8 +220,11 @@ def test_piece_table_merges_like_the_textbook_and_reports_exact_count_changes(se
         if best is None:
             break
         a, b = divmod(best, PAIR)
-        for key, delta in table.merge(a, b, next_id):
-            pair_counts[key] += delta
+        gained, lost = table.merge(a, b, next_id)
+        for key, amount in gained:
+            pair_counts[key] += amount
+        for key, amount in lost:
+            pair_counts[key] -= amount
         del pair_counts[best]
         corpus = [merge_reference(symbols, a, b, next_id) for symbols in corpus]
         assert table_pieces(table) == corpus

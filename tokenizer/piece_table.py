@@ -27,6 +27,7 @@ bytes of a position's pair only ever grow.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -65,11 +66,12 @@ class PieceTable:
         pos = np.flatnonzero((sym[:-1] >= 0) & (sym[1:] >= 0)).astype(self.pos_type)
         if not len(pos):
             return {}
-        lefts, rights = sym[pos], sym[pos + 1]
-        keys = lefts.astype(np.int64) * (int(sym.max()) + 1) + rights  # ordered as (left, right)
+        span = int(sym.max()) + 1
+        keys = sym[pos].astype(np.int64) * span + sym[pos + 1]  # ordered as (left, right)
         order = _argsort_ids(keys)
-        keys, lefts, rights, pos = keys[order], lefts[order], rights[order], pos[order]
+        keys, pos = keys[order], pos[order]
         del order
+        lefts, rights = (keys // span).astype(np.int32), (keys % span).astype(np.int32)
         starts = _group_starts(keys)
         totals = np.add.reduceat(self.weight[pos], starts)
         counts = dict(zip((lefts[starts].astype(np.int64) * PAIR + rights[starts]).tolist(), totals.tolist()))
@@ -88,13 +90,14 @@ class PieceTable:
                   for other, ps in self.before.get(int(right), ())]
         return np.concatenate(found) if found else np.zeros(0, self.pos_type)
 
-    def merge(self, a: int, b: int, m: int) -> list[tuple[int, int]]:
+    def merge(self, a: int, b: int, m: int) -> tuple[Iterator[tuple[int, int]], Iterator[tuple[int, int]]]:
         """Replace every occurrence of the pair (a, b) by the symbol m, left to right within a piece.
 
-        Returns how the count of each neighbouring pair changed, as ``(pair key, delta)`` with the key
-        ``left * PAIR + right``. Around a join "x a b y" -> "x m y", (x, a) and (b, y) lose the piece's count
-        and (x, m), (m, y) gain it; of two adjacent joins "x a b a b y" -> "x m m y" the pair (b, a) between
-        them is lost once and (m, m) gained once. The count of (a, b) itself is left to the caller (it is 0).
+        Returns how the counts of the neighbouring pairs changed: ``(gained, lost)``, each ``(pair key, amount)``
+        with the key ``left * PAIR + right``. Around a join "x a b y" -> "x m y", (x, a) and (b, y) lose the
+        piece's count and (x, m), (m, y) gain it; of two adjacent joins "x a b a b y" -> "x m m y" the pair (b, a)
+        between them is lost once and (m, m) gained once. The count of (a, b) itself is left to the caller (it
+        is 0 now).
         """
         sym, nxt, prv = self.sym, self.nxt, self.prv
         pos = self.positions(a, b)
@@ -111,43 +114,45 @@ class PieceTable:
         left, right = prv[pos], nxt[q]
         x, y = sym[left], sym[right]
         w = self.weight[pos]
-        # The left neighbour is the right half of a join just before (adjacent joins): counted with that join.
-        has_left = (x >= 0) & ~((x == b) & (sym[prv[left]] == a))
+        # A left neighbour that is the right half of a join just before (adjacent joins) is counted with that join;
+        # a right neighbour that is the left half of the next join becomes m. Both are rare: test cheaply first.
+        has_left = x >= 0
+        joined = x == b
+        if joined.any():
+            has_left &= ~(joined & (sym[prv[left]] == a))
+        new_y = y
+        joined = y == a
+        next_joined = joined.any()
+        if next_joined:
+            new_y = np.where(joined & (sym[nxt[right]] == b), m, y)
         has_right = y >= 0
-        new_y = np.where((y == a) & (sym[nxt[right]] == b), m, y)  # the right neighbour is joined too
         sym[pos] = m
         sym[q] = DEAD
         nxt[pos] = right
         prv[right] = pos
 
-        x, left, wl = x[has_left], left[has_left], w[has_left]
-        y, new_y, pos, wr = y[has_right], new_y[has_right], pos[has_right], w[has_right]
-        deltas: list[tuple[int, int]] = []
-        xs, totals = self._record(self.before[m], x, left, wl)
-        deltas += [(v * PAIR + a, -t) for v, t in zip(xs, totals)]
-        deltas += [(v * PAIR + m, t) for v, t in zip(xs, totals)]
-        ys, totals = self._record(self.after[m], new_y, pos, wr)
-        deltas += [(m * PAIR + v, t) for v, t in zip(ys, totals)]
-        if (new_y != y).any():  # some right neighbours were joined: the lost pairs differ from the gained ones
-            ys, totals = _group_sums(y, wr)
-        deltas += [(b * PAIR + v, -t) for v, t in zip(ys, totals)]
-        return deltas
+        xs, x_totals = self._record(self.before[m], x[has_left], left[has_left], w[has_left])
+        y, new_y, pos, w = y[has_right], new_y[has_right], pos[has_right], w[has_right]
+        new_ys, new_y_totals = self._record(self.after[m], new_y, pos, w)
+        ys, y_totals = _group_sums(y, w) if next_joined else (new_ys, new_y_totals)
+        gained = zip(np.concatenate((xs * PAIR + m, m * PAIR + new_ys)).tolist(),
+                     np.concatenate((x_totals, new_y_totals)).tolist())
+        lost = zip(np.concatenate((xs * PAIR + a, b * PAIR + ys)).tolist(), np.concatenate((x_totals, y_totals)).tolist())
+        return gained, lost
 
     @staticmethod
-    def _record(chunks: list, other: np.ndarray, pos: np.ndarray, w: np.ndarray) -> tuple[list[int], list[int]]:
-        """Add a chunk of new pair positions sorted by the other symbol; return per other symbol the summed weight."""
-        if not len(other):
-            return [], []
+    def _record(chunks: list, other: np.ndarray, pos: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add a chunk of new pair positions sorted by the other symbol; return :func:`_group_sums` of it."""
         order = _argsort_ids(other)
-        other, pos, w = other[order], pos[order], w[order]
-        chunks.append((other, pos))
-        starts = _group_starts(other)
-        return other[starts].tolist(), np.add.reduceat(w, starts).tolist()
+        other = other[order]
+        if len(other):
+            chunks.append((other, pos[order]))
+        return _sum_sorted_groups(other, w[order])
 
 
 def _argsort_ids(values: np.ndarray) -> np.ndarray:
     """Stable argsort of non-negative ids; as 16-bit numbers when they fit, which numpy sorts by radix (10x faster)."""
-    if values.max() < 1 << 16:
+    if len(values) and values.max() < 1 << 16:
         values = values.astype(np.uint16)
     return np.argsort(values, kind="stable")
 
@@ -157,8 +162,14 @@ def _group_starts(sorted_values: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.concatenate(([True], sorted_values[1:] != sorted_values[:-1])))
 
 
-def _group_sums(values: np.ndarray, w: np.ndarray) -> tuple[list[int], list[int]]:
+def _group_sums(values: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each distinct value (as int64) and the sum of its weights."""
     order = _argsort_ids(values)
-    values, w = values[order], w[order]
+    return _sum_sorted_groups(values[order], w[order])
+
+
+def _sum_sorted_groups(values: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not len(values):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     starts = _group_starts(values)
-    return values[starts].tolist(), np.add.reduceat(w, starts).tolist()
+    return values[starts].astype(np.int64), np.add.reduceat(w, starts)

@@ -102,13 +102,13 @@ def merge_table(
             bar.update(1)
         merges.append((left, right, merged))
 
-        for pair, delta in table.merge(left, right, merged):
-            if pair != key:  # every occurrence of the merged pair is gone
-                grown = pair_counts.get(pair, 0) + delta
-                pair_counts[pair] = grown
-                if delta > 0:  # only pairs that grew need a new heap entry; the others are fixed when popped
-                    heapq.heappush(heap, (-grown, pair))
-        del pair_counts[key]
+        gained, lost = table.merge(left, right, merged)
+        for pair, amount in lost:
+            pair_counts[pair] -= amount
+        for pair, amount in gained:  # only these pairs need a new heap entry; the others are fixed when popped
+            pair_counts[pair] = grown = pair_counts.get(pair, 0) + amount
+            heapq.heappush(heap, (-grown, pair))
+        del pair_counts[key]  # every occurrence of the merged pair is gone
     bar.close()
     return merges
 
