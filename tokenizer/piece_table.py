@@ -51,8 +51,10 @@ class PieceTable:
         is_symbol = np.ones(size, bool)
         is_symbol[edges] = False
         self.sym[is_symbol] = symbols
-        self.weight = np.zeros(size, np.int64)
-        self.weight[is_symbol] = np.repeat(np.asarray(counts, np.int64), lengths)
+        counts = np.asarray(counts, np.int64)
+        weight_type = np.int32 if counts.max(initial=0) < 2**31 else np.int64  # sums are taken in int64
+        self.weight = np.zeros(size, weight_type)
+        self.weight[is_symbol] = np.repeat(counts.astype(weight_type), lengths)
         self.nxt = np.arange(1, size + 1, dtype=self.pos_type)
         self.nxt[-1] = size - 1
         self.prv = np.arange(-1, size - 1, dtype=self.pos_type)
@@ -67,14 +69,19 @@ class PieceTable:
         if not len(pos):
             return {}
         span = int(sym.max()) + 1
-        keys = sym[pos].astype(np.int64) * span + sym[pos + 1]  # ordered as (left, right)
-        order = _argsort_ids(keys)
+        key_type = np.uint16 if span * span <= 1 << 16 else np.int64  # bytes: 256 x 256 keys, sorted by radix
+        keys = sym[pos].astype(key_type)
+        keys *= span
+        keys += sym[pos + 1].astype(key_type)  # ordered as (left, right)
+        order = np.argsort(keys, kind="stable")
         keys, pos = keys[order], pos[order]
         del order
-        lefts, rights = (keys // span).astype(np.int32), (keys % span).astype(np.int32)
         starts = _group_starts(keys)
-        totals = np.add.reduceat(self.weight[pos], starts)
-        counts = dict(zip((lefts[starts].astype(np.int64) * PAIR + rights[starts]).tolist(), totals.tolist()))
+        totals = np.add.reduceat(self.weight[pos], starts, dtype=np.int64)
+        lefts, rights = np.divmod(keys[starts].astype(np.int64), span)
+        counts = dict(zip((lefts * PAIR + rights).tolist(), totals.tolist()))
+        lefts = keys // span
+        rights = (keys % span).astype(np.int32)
         del keys
         bounds = np.append(_group_starts(lefts), len(lefts))
         for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
@@ -172,4 +179,4 @@ def _sum_sorted_groups(values: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, n
     if not len(values):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     starts = _group_starts(values)
-    return values[starts].astype(np.int64), np.add.reduceat(w, starts)
+    return values[starts].astype(np.int64), np.add.reduceat(w, starts, dtype=np.int64)

@@ -179,9 +179,9 @@ def _count_in_worker(args: tuple[str, list[str]]) -> int:
 def _hand_over(_: int) -> Counter:
     """Return this process's counts. All processes wait for each other first, so that each takes exactly one of
     the ``num_proc`` hand-over tasks (a process cannot take a second one before every other took its first)."""
+    global _worker_counts
     _hand_over_barrier.wait()
-    counts = _worker_counts.copy()
-    _worker_counts.clear()
+    counts, _worker_counts = _worker_counts, Counter()
     return counts
 
 
