@@ -59,7 +59,7 @@ def char_words(counts: dict[str, int]) -> tuple[dict, list]:
 def test_worked_example_pair_counts_and_first_merges():
     words, vocab = char_words({"hug": 10, "pug": 5, "pun": 12, "bun": 4, "hugs": 5})
     table = PieceTable([s for w in words for s in w], [len(w) for w in words], list(words.values()))
-    pair_counts = table.pair_counts()
+    pair_counts = table.index_pairs()
     named = {vocab[k // PAIR] + vocab[k % PAIR]: c for k, c in pair_counts.items()}
     assert named == {"ug": 20, "pu": 17, "un": 16, "hu": 15, "gs": 5, "bu": 4}
     merges = learn_merges(words, vocab, len(vocab) + 3)
@@ -212,7 +212,7 @@ def test_piece_table_merges_like_the_textbook_and_reports_exact_count_changes(se
     corpus = [list(w) for w in words]
     counts = list(words.values())
     table = PieceTable([s for w in corpus for s in w], [len(w) for w in corpus], counts)
-    pair_counts = Counter(table.pair_counts())
+    pair_counts = Counter(table.index_pairs())
     assert +pair_counts == recount(corpus, counts)
     next_id = 3
     for _ in range(25):
@@ -286,8 +286,8 @@ FRAGMENTS = ["a", "Zq", "x", "'s", "'S", "'ll", "'LL", "'Ve", "'re", "'", "12", 
 @pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN], ids=["gpt2", "gpt4"])
 def test_the_ascii_classes_are_the_ones_regex_uses(pattern):
     ascii_chars = [chr(c) for c in range(128)]
-    for cls, expected in [(r"\s", "\t\n\x0b\x0c\r "), (r"\p{L}", "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"),
-                          (r"\p{N}", "0123456789")]:
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    for cls, expected in [(r"\s", "\t\n\x0b\x0c\r "), (r"\p{L}", letters), (r"\p{N}", "0123456789")]:
         assert "".join(c for c in ascii_chars if regex.fullmatch(cls, c)) == expected
     split = splitter(pattern)
     for c in ascii_chars:  # one character, and each character between words, at the end, doubled

@@ -2,9 +2,10 @@
 
 The algorithm, in four steps:
 
-1. **Pre-split** every text with the pattern (GPT-4's by default) and count each distinct piece, in one process
-   per core. A corpus of gigabytes has only a few million distinct pieces, so from here on memory and time depend
-   on the number of distinct pieces, not on the corpus size.
+1. **Pre-split** every text with the pattern (GPT-4's by default; ASCII text through an equivalent pattern that
+   Python's `re` runs twice as fast, see :func:`~tokenizer.patterns.splitter`) and count each distinct piece, in
+   one process per core, each keeping its counts until the end. A corpus of gigabytes has only a few million
+   distinct pieces, so from here on memory and time depend on the number of distinct pieces, not on its size.
 2. **Index pairs.** The pieces become one flat table of symbol ids (at first their bytes, ids 0..255) with each
    piece's count (:class:`~tokenizer.piece_table.PieceTable`). We count every adjacent pair, weighted by piece
    counts, into ``pair_counts`` and push ``(-count, pair)`` onto a heap; the table records where each pair occurs.
@@ -76,7 +77,7 @@ def merge_table(
     A pair ``(left, right)`` is the int ``left * PAIR + right`` (cheaper to hash than a tuple, and it orders
     exactly like the tuple, which is the tie-break).
     """
-    pair_counts = table.pair_counts()
+    pair_counts = table.index_pairs()
     heap = [(-count, key) for key, count in pair_counts.items()]
     heapq.heapify(heap)
     index = {symbol: i for i, symbol in enumerate(vocab)}
