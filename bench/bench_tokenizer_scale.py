@@ -2,8 +2,9 @@
 
     flock /tmp/minigpt-bench.lock python bench/bench_tokenizer_scale.py   # ~435 MB, vocab 16384, 3 interleaved trials
 
-Prints one side-by-side table: time of the training call (reading the corpus, pre-splitting and counting, merging)
-and peak memory, median and range over the trials, and how many of each trainer's tokens ours also learned.
+Prints one side-by-side table: time of the training call (reading the corpus, pre-splitting and counting, merging),
+CPU time (user + system, all processes) and peak memory, median and range over the trials, and how many of each
+trainer's tokens ours also learned.
 
 **The corpus** (built once, deterministically, under ``--corpus-dir``; never committed): the offline default corpus
 (this Python's standard library sources, ``data.sources``) repeated ``--copies`` times (default 33: ~435 MB),
