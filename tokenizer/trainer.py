@@ -1,22 +1,25 @@
-"""Byte-level BPE training: count pieces once, then merge with an incremental pair index.
+"""Byte-level BPE training: count pieces once, then merge with an incremental, positional pair index.
 
 The algorithm, in four steps:
 
-1. **Pre-split** every text with the pattern (GPT-4's by default) and count each distinct piece. A corpus of
-   gigabytes has only a few hundred thousand distinct pieces, so from here on memory and time depend on the
-   number of distinct pieces, not on the corpus size.
-2. **Index pairs.** Each piece is a list of symbols (at first its bytes, ids 0..255). For every adjacent pair we
-   keep ``pair_counts[pair]`` (how often it occurs, weighted by piece counts) and ``where[pair]`` (which pieces
-   contain it), and push ``(-count, pair)`` onto a heap.
+1. **Pre-split** every text with the pattern (GPT-4's by default; ASCII text through an equivalent pattern that
+   Python's `re` runs twice as fast, see :func:`~tokenizer.patterns.splitter`) and count each distinct piece, in
+   one process per core, each keeping its counts until the end. A corpus of gigabytes has only a few million
+   distinct pieces, so from here on memory and time depend on the number of distinct pieces, not on its size.
+2. **Index pairs.** The pieces become one flat table of symbol ids (at first their bytes, ids 0..255) with each
+   piece's count (:class:`~tokenizer.piece_table.PieceTable`). We count every adjacent pair, weighted by piece
+   counts, into ``pair_counts`` and push ``(-count, pair)`` onto a heap; the table records where each pair occurs.
 3. **Merge the best pair.** Pop the heap. An entry may be stale (the pair's count changed after it was
    pushed); stale entries are re-pushed with the current count or dropped ("lazy invalidation"). A fresh entry is
    the most frequent pair. Its merged symbol becomes a new token.
-4. **Update only what changed.** Only the pieces in ``where[pair]`` can contain the pair, so we rewrite just those
-   pieces and adjust the counts of the pairs around each merge. The corpus is never recounted.
+4. **Update only what changed.** The table rewrites the pair's occurrences, all at once with numpy, and reports
+   how the counts of the pairs around them changed; pairs that grew are pushed again. The corpus is never
+   recounted, and no Python code runs per occurrence.
 
 **Tie-break (deterministic):** among pairs with the same count, the pair ``(left_id, right_id)`` that is smallest
 as a tuple of ids wins. Byte symbols have ids equal to their byte value and merged symbols get increasing ids, so
 the same counts give the same merges on every run and machine (dict and set iteration order never matters).
+Because of this rule the merges depend only on the exact pair counts, not on how they are kept.
 
 If a merged symbol's content already exists in the vocabulary (for example ``"a"+"bc"`` after ``"ab"+"c"``), the
 existing id is reused, so every token has distinct bytes (what rank files like tiktoken's require).
@@ -27,23 +30,21 @@ from __future__ import annotations
 import heapq
 import multiprocessing
 import os
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
 from itertools import chain, islice
 from typing import Union
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import TokenizerError
-from .patterns import compile_pattern, fast_equivalent, next_safe_cut
+from .patterns import PATTERNS, compile_pattern, next_safe_cut, splitter
+from .piece_table import PAIR, PieceTable
 
 TIE_BREAK = "highest pair count first; ties: smallest (left_id, right_id) pair"
 
 Symbol = Union[bytes, str]
-
-# A pair (left, right) of symbol ids is the int left * PAIR + right (ids stay below 2**32).
-PAIR = 1 << 32
 
 # Texts are counted in batches of about this many characters (one unit of work for a counting process).
 BATCH_CHARS = 1 << 20
@@ -61,13 +62,22 @@ def learn_merges(
     ``vocab`` maps symbol id -> content (bytes for byte-level BPE, or str to run the textbook example with
     characters as symbols); new merged symbols are appended to it. Stops early when no pair occurs at least
     ``min_frequency`` times. Returns the merges in order as ``(left_id, right_id, merged_id)``.
-
-    A pair ``(left, right)`` is stored as the int ``left * PAIR + right`` (cheaper to hash than a tuple, and
-    it orders exactly like the tuple, which is the tie-break).
     """
-    pieces = [list(w) for w in words]
-    counts = list(words.values())
-    pair_counts, where = index_pairs(pieces, counts)
+    lengths = np.fromiter(map(len, words), np.int64, len(words))
+    symbols = np.fromiter(chain.from_iterable(words), np.int32, int(lengths.sum()))
+    counts = np.fromiter(words.values(), np.int64, len(words))
+    return merge_table(PieceTable(symbols, lengths, counts), vocab, vocab_size, min_frequency, progress)
+
+
+def merge_table(
+    table: PieceTable, vocab: list[Symbol], vocab_size: int, min_frequency: int = 1, progress: bool = False
+) -> list[tuple[int, int, int]]:
+    """Steps 2-4 on a piece table: :func:`learn_merges` for pieces already laid out in one.
+
+    A pair ``(left, right)`` is the int ``left * PAIR + right`` (cheaper to hash than a tuple, and it orders
+    exactly like the tuple, which is the tie-break).
+    """
+    pair_counts = table.index_pairs()
     heap = [(-count, key) for key, count in pair_counts.items()]
     heapq.heapify(heap)
     index = {symbol: i for i, symbol in enumerate(vocab)}
@@ -93,65 +103,15 @@ def learn_merges(
             bar.update(1)
         merges.append((left, right, merged))
 
-        # Rewrite only the pieces that contain the pair. Around each join "x left right y" -> "x merged y",
-        # the pairs (x, left) and (right, y) lose the piece's count and (x, merged), (merged, y) gain it.
-        grown: set[int] = set()
-        for i in where.pop(key):
-            symbols, count_i = pieces[i], counts[i]
-            # One pass that copies the piece into `rewritten` (slices between the joins), so a piece of n symbols
-            # costs O(n) per merge however many joins it has; deleting in place would cost O(n) per join.
-            todo = symbols.count(left)  # candidate positions (a stale `where` entry has no matching pair)
-            rewritten: list[int] = []
-            done = k = 0  # symbols[:done] are in `rewritten`; look for `left` from k on
-            while todo:
-                k = symbols.index(left, k)
-                todo -= 1
-                if k + 1 == len(symbols) or symbols[k + 1] != right:
-                    k += 1
-                    continue
-                rewritten += symbols[done:k]
-                if rewritten:
-                    x = rewritten[-1]
-                    pair_counts[x * PAIR + left] -= count_i
-                    new = x * PAIR + merged
-                    pair_counts[new] += count_i
-                    where[new].add(i)
-                    grown.add(new)
-                if k + 2 < len(symbols):
-                    y = symbols[k + 2]
-                    pair_counts[right * PAIR + y] -= count_i
-                    new = merged * PAIR + y
-                    pair_counts[new] += count_i
-                    where[new].add(i)
-                    grown.add(new)
-                rewritten.append(merged)
-                done = k = k + 2  # past the right symbol, which cannot start another join
-                if right == left:
-                    todo -= 1  # the right symbol was one of the candidates
-            if done:
-                rewritten += symbols[done:]
-                pieces[i] = rewritten
-        del pair_counts[key]
-        # Only pairs that contain the new symbol grew; the others only shrank (fixed lazily when popped).
-        for new in grown:
-            heapq.heappush(heap, (-pair_counts[new], new))
+        gained, lost = table.merge(left, right, merged)
+        for pair, amount in lost:
+            pair_counts[pair] -= amount
+        for pair, amount in gained:  # only these pairs need a new heap entry; the others are fixed when popped
+            pair_counts[pair] = grown = pair_counts.get(pair, 0) + amount
+            heapq.heappush(heap, (-grown, pair))
+        del pair_counts[key]  # every occurrence of the merged pair is gone
     bar.close()
     return merges
-
-
-def index_pairs(pieces: list[list[int]], counts: list[int]) -> tuple[dict[int, int], dict[int, set[int]]]:
-    """Step 2: count every adjacent pair (weighted by piece count) and record which pieces contain it.
-
-    Keys are ``left * PAIR + right``; both dicts are defaultdicts so the merge loop can update them freely.
-    """
-    pair_counts: dict[int, int] = defaultdict(int)
-    where: dict[int, set[int]] = defaultdict(set)
-    for i, (symbols, count) in enumerate(zip(pieces, counts)):
-        for left, right in zip(symbols, symbols[1:]):
-            key = left * PAIR + right
-            pair_counts[key] += count
-            where[key].add(i)
-    return pair_counts, where
 
 
 def iter_text_chunks(text: str, max_chars: int = BATCH_CHARS) -> Iterator[str]:
@@ -189,17 +149,41 @@ def _batches(texts: Union[str, Iterable[str]], batch_chars: int) -> Iterator[lis
         yield batch
 
 
-def _count_batch(args: tuple[str, list[str]]) -> tuple[Counter, int]:
-    pattern, batch = args
-    findall = compile_pattern(fast_equivalent(pattern)).findall
-    counter: Counter = Counter()
-    for text in batch:
-        pieces = findall(text)
-        if sum(map(len, pieces)) != len(text):  # text between matches would silently be dropped from training
+def _count_texts(pattern: str, texts: list[str], counter: Counter) -> int:
+    """Add the pieces of ``texts`` to ``counter``; return how many characters were counted."""
+    split = splitter(pattern)
+    check = pattern not in PATTERNS.values()  # the built-in patterns match every character
+    for text in texts:
+        pieces = split(text)
+        if check and sum(map(len, pieces)) != len(text):  # text between matches would be dropped from training
             raise TokenizerError(f"split pattern {pattern!r} does not cover all of the text: some characters are "
                                  f"in no piece; add an alternative such as |\\s|. that matches what is left")
         counter.update(pieces)
-    return counter, sum(len(t) for t in batch)
+    return sum(map(len, texts))
+
+
+# A counting process keeps its counts until the end and hands them over once: sending a Counter back for every
+# batch cost the main process more than a second per 100 MB to unpickle and add up.
+_worker_counts: Counter = Counter()
+_hand_over_barrier = None
+
+
+def _init_worker(barrier) -> None:
+    global _hand_over_barrier
+    _hand_over_barrier = barrier
+
+
+def _count_in_worker(args: tuple[str, list[str]]) -> int:
+    return _count_texts(*args, _worker_counts)
+
+
+def _hand_over(_: int) -> Counter:
+    """Return this process's counts. All processes wait for each other first, so that each takes exactly one of
+    the ``num_proc`` hand-over tasks (a process cannot take a second one before every other took its first)."""
+    global _worker_counts
+    _hand_over_barrier.wait()
+    counts, _worker_counts = _worker_counts, Counter()
+    return counts
 
 
 def count_pieces(
@@ -208,7 +192,7 @@ def count_pieces(
     """Step 1: count each distinct piece of ``texts``, streamed in batches of about ``BATCH_CHARS`` characters.
 
     ``num_proc=None`` uses every CPU once there is more than one batch; ``num_proc=1`` stays in this process.
-    Memory is bounded by the number of distinct pieces plus a few batches in flight.
+    Memory is bounded by the number of distinct pieces (in each process) plus a few batches in flight.
     """
     compile_pattern(pattern)  # fail early, in this process, on a bad regex
     batches = _batches(texts, BATCH_CHARS)
@@ -216,16 +200,17 @@ def count_pieces(
     work = ((pattern, batch) for batch in chain(head, batches))
     procs = num_proc if num_proc is not None else (os.cpu_count() or 1)
     total: Counter = Counter()
-    with tqdm(desc="counting", unit="char", unit_scale=True, disable=not progress, delay=1) as bar, \
-            ExitStack() as stack:
+    with tqdm(desc="counting", unit="char", unit_scale=True, disable=not progress, delay=1) as bar:
         if len(head) < 2 or procs <= 1:
-            results: Iterator[tuple[Counter, int]] = map(_count_batch, work)
-        else:
-            pool = stack.enter_context(multiprocessing.get_context().Pool(procs))
-            results = _bounded_imap(pool, _count_batch, work, window=2 * procs)
-        for counter, size in results:
-            total.update(counter)
-            bar.update(size)
+            for _, batch in work:
+                bar.update(_count_texts(pattern, batch, total))
+            return total
+        context = multiprocessing.get_context()
+        with context.Pool(procs, initializer=_init_worker, initargs=(context.Barrier(procs),)) as pool:
+            for size in _bounded_imap(pool, _count_in_worker, work, window=2 * procs):
+                bar.update(size)
+            for counts in pool.imap_unordered(_hand_over, range(procs)):
+                total.update(counts)  # the first into an empty Counter is a plain dict update
     return total
 
 
@@ -253,8 +238,12 @@ def train_bpe(
     piece_counts = count_pieces(texts, pattern, num_proc=num_proc, progress=progress)
     if not piece_counts:
         raise TokenizerError("the training corpus is empty (no text to learn from); pass a non-empty text or file")
-    words = {tuple(piece.encode("utf-8")): count for piece, count in piece_counts.items()}
+    encoded = [piece.encode("utf-8") for piece in piece_counts]
+    counts = np.fromiter(piece_counts.values(), np.int64, len(encoded))
     del piece_counts
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    symbols = np.frombuffer(b"".join(encoded), np.uint8)
+    del encoded
     vocab: list[Symbol] = [bytes([b]) for b in range(256)]
-    learn_merges(words, vocab, vocab_size, min_frequency=min_frequency, progress=progress)
+    merge_table(PieceTable(symbols, lengths, counts), vocab, vocab_size, min_frequency, progress)
     return vocab  # type: ignore[return-value]
