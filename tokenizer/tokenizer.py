@@ -31,7 +31,7 @@ import regex
 
 from . import formats
 from .errors import TokenizerError, UnknownTokenError
-from .patterns import GPT4_PATTERN, compile_pattern, fast_equivalent, pattern_from_name
+from .patterns import GPT4_PATTERN, pattern_from_name, splitter
 from .trainer import train_bpe
 
 EOT = "<|endoftext|>"
@@ -68,7 +68,7 @@ class Tokenizer:
         # What a rank-based merge returns (ranks) -> what encode returns (ids), only when the two differ.
         self._rank_to_id = {r: self._ids[b] for b, r in self._ranks.items()} if self._ids is not None else None
         self._token_ids = self._ids if self._ids is not None else self._ranks  # token bytes -> id (not a copy)
-        self._split = compile_pattern(fast_equivalent(pattern)).findall
+        self._split = splitter(pattern)  # the pattern's findall, with a faster path for ASCII text
         self._decoder: dict[int, bytes] = {i: b for b, i in self._token_ids.items()}
         self._decoder.update((i, s.encode("utf-8")) for s, i in special_tokens.items())
         self._vocab_size = max(self._decoder) + 1
