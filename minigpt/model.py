@@ -123,6 +123,7 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | int | None = None,
         stop_id: int | None = None,
+        compile: bool = False,
     ) -> Tensor:
         """Continue each row of `idx` (B, T) by up to max_new_tokens sampled tokens; returns (B, T + new).
 
@@ -133,7 +134,7 @@ class GPT(nn.Module):
         from .generate import generate_tokens  # generate.py builds on this module, so import at call time
 
         steps = list(generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                     stop_id))
+                                     stop_id, compile=compile))
         return torch.cat([idx, torch.stack(steps, dim=1)], dim=1) if steps else idx.clone()
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
