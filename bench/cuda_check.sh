@@ -6,8 +6,9 @@
 #   2. one GPU-sized ALiBi model trained side by side in float32, bfloat16 (FlexAttention: auto), bfloat16 with
 #      --attention sdpa, float16 (GradScaler) and bfloat16 + compile, float16 interrupted and resumed, and Muon:
 #      throughput and validation loss of each;
-#   3. sampling and --eval from the float16 checkpoint in float16 and bfloat16.
-# Usage: bash bench/cuda_check.sh [work folder]   (about 5 minutes on one H200)
+#   3. sampling and --eval from the float16 checkpoint in float16 and bfloat16, and with --compile (CUDA graphs);
+#   4. batch-1 decoding of GPT-2 124M's shape, eager against --compile (bench/bench_decode.py).
+# Usage: bash bench/cuda_check.sh [work folder]   (about 6 minutes on one H200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/minigpt-cuda}
@@ -19,8 +20,8 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 echo "== 1. training tests on the GPU"
 MINIGPT_TEST_DEVICE=cuda timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_train.py \
     tests/test_train_recipe.py tests/test_optim_muon.py 2>&1 | tail -25
-MINIGPT_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
-    tests/test_compile.py 2>&1 | tail -25
+MINIGPT_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
+    tests/test_compile.py tests/test_static_step.py 2>&1 | tail -25
 
 echo "== 2. one model, four precisions"
 SHAPE="--n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64 --max-bytes 4000000 --no-progress"
@@ -68,3 +69,8 @@ for dtype in float16 bfloat16 float32; do
     python3 sample.py --out-dir "$WORK/float16" --device cuda --dtype $dtype --seed 1 --max-new-tokens 40 \
         --prompt "def " --temperature 0 2>&1 | tail -3
 done
+python3 sample.py --out-dir "$WORK/float16" --device cuda --seed 1 --max-new-tokens 40 --prompt "def " --temperature 0 \
+    --compile 2>&1 | tail -3   # the greedy text of the bfloat16 run above, and its tokens/s
+
+echo "== 4. batch-1 decoding, eager against --compile (CUDA graphs)"
+timeout 300 python3 bench/bench_decode.py --device cuda --positions learned alibi --json "$WORK/decode.json"

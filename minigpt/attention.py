@@ -86,18 +86,18 @@ def _flex_runs(device: torch.device, training: bool) -> bool:
     return flex_available() and (device.type == "cuda" or not training)
 
 
-def sdpa_mask(q_len: int, start: int | Tensor, alibi: ALiBi | None, device: torch.device) -> SdpaMask:
-    """What SDPA needs to keep each query from seeing later keys, for queries start..start+q_len-1 of
-    start+q_len keys.
+def sdpa_mask(q_len: int, start: int | Tensor, k_len: int, alibi: ALiBi | None, device: torch.device) -> SdpaMask:
+    """What SDPA needs to keep each query from seeing later keys, for queries start..start+q_len-1 of k_len keys
+    (start+q_len of them for an int `start`).
 
     SDPA's is_causal aligns the mask to the top-left corner, which is right only when there is no cached prefix;
     a single new query may see every key; anything else gets an explicit bottom-right mask. ALiBi always brings
-    its own mask (bias + causal -inf). A tensor `start` (rows of a KV cache that hold different lengths) gets a
-    mask per row.
+    its own mask (bias + causal -inf). A tensor `start` (rows of a KV cache that hold different lengths, or every
+    row of a compiled decoding step, whose keys span the whole cache) gets a mask per row.
     """
     if isinstance(start, Tensor):
-        return SdpaMask(alibi.rows(start, q_len) if alibi is not None else causal_mask_rows(start, q_len), False)
-    k_len = start + q_len
+        rows = alibi.rows(start, q_len, k_len) if alibi is not None else causal_mask_rows(start, q_len, k_len)
+        return SdpaMask(rows, False)
     if alibi is not None:
         return SdpaMask(alibi(q_len, k_len), False)
     if start == 0:
@@ -108,11 +108,11 @@ def sdpa_mask(q_len: int, start: int | Tensor, alibi: ALiBi | None, device: torc
     return SdpaMask(torch.arange(k_len, device=device)[None, :] <= i, False)
 
 
-def causal_mask_rows(start: Tensor, q_len: int) -> Tensor:
-    """Boolean mask (B, 1, q_len, K) for rows of their own lengths: query i of row b sits at position
-    start[b] + i and may see the keys up to it; K = the longest row's key count (`KVCache.update`)."""
+def causal_mask_rows(start: Tensor, q_len: int, k_len: int) -> Tensor:
+    """Boolean mask (B, 1, q_len, k_len) for rows of their own lengths: query i of row b sits at position
+    start[b] + i and may see the keys up to it, of the k_len keys the KV cache returns (`KVCache.key_count`)."""
     i = start[:, None, None, None] + torch.arange(q_len, device=start.device)[:, None]
-    j = torch.arange(int(start.max()) + q_len, device=start.device)
+    j = torch.arange(k_len, device=start.device)
     return j <= i
 
 

@@ -21,6 +21,9 @@ Each `step`
 
 `generate.generate_tokens` (and so `GPT.generate` and sample.py) is a client of this engine: its rows join at the
 first step with equal lengths, so they take the KV cache's equal-length fast path; the server is another.
+
+With `compile=True` the decoding forward of step 2 is a compiled step of fixed shapes instead (static_step.py),
+which a GPU replays as a CUDA graph; the prefills of step 3 stay as they are.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from torch import Tensor
 from .errors import ConfigError
 from .generate import check_sampling_args, choose_next, decoding_attention
 from .model import GPT, KVCache
+from .static_step import MIN_CAPACITY, StaticStep
 
 # Prompts prefilled together are padded to the longest; a group takes the next (longer) prompt only while
 # padding stays under this share of its work.
@@ -102,13 +106,18 @@ class Engine:
 
     One thread drives it (`add`, `step`); `cancel` may come from another, it only sets a flag read at the next
     step. vocab_limit: ids at or above it are never chosen (an embedding padded beyond the tokenizer's ids).
-    use_cache=False recomputes every sequence's whole text each step (for comparison).
+    use_cache=False recomputes every sequence's whole text each step (for comparison). compile=True decodes with
+    a compiled step of fixed shapes (static_step.py): CUDA graphs on a GPU; the first step of each cache size
+    waits for its compilation.
     """
 
     def __init__(self, model: GPT, max_batch: int = 16, vocab_limit: int | None = None,
-                 use_cache: bool = True) -> None:
+                 use_cache: bool = True, compile: bool = False) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if compile and not use_cache:
+            raise ConfigError("compile=True compiles the step that decodes from the KV cache; it cannot go with "
+                              "use_cache=False")
         vocab = model.config.vocab_size
         if vocab_limit is not None and (not isinstance(vocab_limit, int) or not 1 <= vocab_limit <= vocab):
             raise ConfigError(f"vocab_limit must be in [1, {vocab}] (or None), got {vocab_limit!r}")
@@ -122,6 +131,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # with a cache, running[i] owns row i of it
         self.cache: KVCache | None = None
+        self.static_step = StaticStep(model) if compile else None
 
     def add(self, seq: Sequence) -> Sequence:
         """Queue a sequence; it joins the batch at the next step with a free row. Its settings are checked here."""
@@ -230,6 +240,8 @@ class Engine:
         joining = [self.waiting.popleft() for _ in range(min(self.max_batch - busy, len(self.waiting)))]
         if joining and self.use_cache:
             need = max(len(s.prompt) + max(s.max_new_tokens, 1) - 1 for s in joining)
+            if self.static_step is not None:  # each new capacity is a new graph to compile: powers of two
+                need = max(MIN_CAPACITY, 1 << (need - 1).bit_length())
             if self.window is not None:
                 need = min(need, self.window)
             if self.cache is None:
@@ -242,8 +254,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------ forwards
     def _decode(self) -> Tensor:
         """Logits (rows, vocab) after feeding every running row its last token, each at its own position."""
-        idx = torch.tensor([[seq.tokens[-1]] for seq in self.running], device=self.device)
-        hidden = self.model.hidden_states(idx, self.cache)
+        tokens = [seq.tokens[-1] for seq in self.running]
+        if self.static_step is not None:
+            return self.static_step(self.cache, tokens)
+        hidden = self.model.hidden_states(torch.tensor(tokens, device=self.device)[:, None], self.cache)
         return self.model.head(hidden[:, -1])
 
     def _context(self, seq: Sequence) -> list[int]:

@@ -32,6 +32,7 @@ def generate_tokens(
     generator: torch.Generator | int | None = None,
     stop_id: int | None = None,
     vocab_limit: int | None = None,
+    compile: bool = False,
 ) -> Iterator[Tensor]:
     """Yield max_new_tokens LongTensors of shape (B,): the next token of every row of `idx` (B, T).
 
@@ -46,6 +47,8 @@ def generate_tokens(
       so the cache is re-primed on the window. Sinusoidal, ALiBi and RoPE models just keep extending the cache.
     - vocab_limit: ids at or above it are never chosen: the unused rows of an embedding padded beyond the
       tokenizer's ids (common in pretrained models, e.g. 50304 rows for GPT-2's 50257 ids), which no text decodes.
+    - compile: decode with a compiled step of fixed shapes, which a GPU replays as a CUDA graph (engine.py,
+      static_step.py): the same tokens, several times faster at batch 1 once compiled; the first call compiles.
 
     The model is used as it is: call model.eval() first if it has dropout. Arguments are checked at the call,
     before the first token is asked for.
@@ -56,7 +59,7 @@ def generate_tokens(
     check_token_ids(idx, model.config.vocab_size)
     if isinstance(generator, int):
         generator = torch.Generator(device=idx.device).manual_seed(generator)
-    engine = Engine(model, max_batch=idx.shape[0], vocab_limit=vocab_limit, use_cache=use_cache)
+    engine = Engine(model, max_batch=idx.shape[0], vocab_limit=vocab_limit, use_cache=use_cache, compile=compile)
     sampling = Sampling(temperature, top_k, top_p, generator)  # one for all rows: drawn together, in row order
     rows = [engine.add(Sequence(row, max_new_tokens, sampling, stop_id)) for row in idx.tolist()]
     return _steps(engine, rows, stop_id, idx.device)

@@ -26,6 +26,7 @@ class LoadedModel:
     config: dict[str, Any]  # the checkpoint's config.json ({"model": ...} alone for a pretrained model)
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast's dtype; None: float32
+    compile: bool = False  # decode with the engine's compiled step (CUDA graphs on a GPU)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The precision to run the model in (a fresh context manager each call)."""
@@ -35,7 +36,7 @@ class LoadedModel:
 
 
 def load_for_inference(out_dir: str | None, init_from: str | None, device: str = "auto", dtype: str = "auto",
-                       quantize: str | None = None, attention: str = "auto") -> LoadedModel:
+                       quantize: str | None = None, attention: str = "auto", compile: bool = False) -> LoadedModel:
     """The model of checkpoint folder `out_dir`, or of `init_from` (a Hugging Face folder or hub name), in eval
     mode; a ConfigError in one line for settings that cannot go together."""
     where = resolve_device(device)
@@ -45,6 +46,9 @@ def load_for_inference(out_dir: str | None, init_from: str | None, device: str =
             raise ConfigError(f"--quantize int8 is for CPU inference; add --device cpu (the device here is {where})")
         if amp_dtype is not None:
             raise ConfigError(f"--quantize int8 runs in float32; leave out --dtype {dtype}")
+        if compile:
+            raise ConfigError("--compile cannot compile an int8 model (torch.compile does not trace torch's "
+                              "dynamic quantization); leave out --quantize or --compile")
     if init_from:
         from .hf import load_pretrained, load_tokenizer
 
@@ -59,4 +63,4 @@ def load_for_inference(out_dir: str | None, init_from: str | None, device: str =
 
         model = quantize_int8(model)
     model.attention = choose_attention(attention, model.config, where, training=False)
-    return LoadedModel(model, tokenizer, config, where, amp_dtype)
+    return LoadedModel(model, tokenizer, config, where, amp_dtype, compile)

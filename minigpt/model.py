@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .attention import BlockMasks, FlexMask, SdpaMask, flex_attention, flex_mask, sdpa_mask
 from .config import GPTConfig
 from .errors import ConfigError
-from .positions import ALiBi, LearnedPositions, RotaryPositions, SinusoidalPositions, rotate
+from .positions import ALiBi, LearnedPositions, RotaryPositions, SinusoidalPositions, positions_of_rows, rotate
 
 INIT_STD = 0.02  # GPT-2's standard deviation for weights and embeddings (and the sinusoids' scale, see positions.py)
 NORM_EPS = 1e-5  # added to the variance (or mean square) before the square root, as in GPT-2's LayerNorm
@@ -95,7 +95,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(start, T)
         x = self.drop(x)
-        mask = self._attention_mask(T, start)
+        mask = self._attention_mask(T, start, cache.key_count(T) if cache is not None else T)
         rope = self.rope(start, T) if self.rope is not None else None  # the angles of these absolute positions
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer, rope)
@@ -103,14 +103,14 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.ln_f(x)
 
-    def _attention_mask(self, q_len: int, start: int | Tensor) -> SdpaMask | FlexMask:
-        """What keeps each query (positions start..start+q_len-1) from seeing later keys, with ALiBi's bias, in
-        the form the attention kernel takes (attention.py). A decoding step (one query) keeps SDPA under flex, as
-        do the rows of a KV cache that hold different lengths (`start` a tensor, one start per row)."""
+    def _attention_mask(self, q_len: int, start: int | Tensor, k_len: int) -> SdpaMask | FlexMask:
+        """What keeps each query (positions start..start+q_len-1) from seeing later keys of the k_len keys, with
+        ALiBi's bias, in the form the attention kernel takes (attention.py). A decoding step (one query) keeps SDPA
+        under flex, as do the rows of a KV cache that hold different lengths (`start` a tensor, one per row)."""
         device = self.wte.weight.device
         if self.attention == "flex" and q_len > 1 and not isinstance(start, Tensor):
             return flex_mask(q_len, start, self.alibi, self.block_masks, device)
-        return sdpa_mask(q_len, start, self.alibi, device)
+        return sdpa_mask(q_len, start, k_len, self.alibi, device)
 
     @torch.no_grad()
     def generate(
@@ -123,6 +123,7 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | int | None = None,
         stop_id: int | None = None,
+        compile: bool = False,
     ) -> Tensor:
         """Continue each row of `idx` (B, T) by up to max_new_tokens sampled tokens; returns (B, T + new).
 
@@ -133,7 +134,7 @@ class GPT(nn.Module):
         from .generate import generate_tokens  # generate.py builds on this module, so import at call time
 
         steps = list(generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                     stop_id))
+                                     stop_id, compile=compile))
         return torch.cat([idx, torch.stack(steps, dim=1)], dim=1) if steps else idx.clone()
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
@@ -334,12 +335,22 @@ class KVCache:
         if isinstance(start, int):
             stored[0, :, :, start:end] = k
             stored[1, :, :, start:end] = v
-        else:  # each row's keys at its own positions: (rows, T) indices, written as (rows, T, H, d_head)
-            positions = start[:, None] + torch.arange(T, device=start.device)
-            row = torch.arange(rows, device=start.device)[:, None]
-            stored[0][row, :, positions] = k.transpose(1, 2)
-            stored[1][row, :, positions] = v.transpose(1, 2)
+        else:
+            self.write_rows(stored[0], stored[1], start, k, v)
         return stored[0, :, :, :end], stored[1, :, :, :end]
+
+    @staticmethod
+    def write_rows(keys: Tensor, values: Tensor, start: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write the keys and values (B, H, T, d_head) of each row b at its own positions start[b] .. start[b]+T-1
+        of `keys` and `values` (B, H, capacity, d_head): (B, T) indices, written as (B, T, H, d_head)."""
+        positions = positions_of_rows(start, k.shape[2])
+        row = torch.arange(k.shape[0], device=start.device)[:, None]
+        keys[row, :, positions] = k.transpose(1, 2)
+        values[row, :, positions] = v.transpose(1, 2)
+
+    def key_count(self, new: int) -> int:
+        """How many keys `update` returns after `new` more positions: the longest row's (masks hide the rest)."""
+        return max(self._lengths, default=0) + new
 
     def advance(self, n: int) -> None:
         """Count n more positions in every row (GPT.hidden_states calls it after the last layer)."""

@@ -33,7 +33,14 @@ class LearnedPositions(nn.Module):
     def forward(self, start: int | Tensor, length: int) -> Tensor:
         """Rows (length, n_embd) of positions start..start+length-1; with a tensor of starts (one per row of a
         batch), (B, length, n_embd)."""
-        end = start + length if isinstance(start, int) else int(start.max()) + length
+        if isinstance(start, Tensor):
+            if not torch.compiler.is_compiling():  # compiled (a CUDA-graph decoding step) it would wait for the GPU
+                self._check(int(start.max()) + length)
+            return self.table(positions_of_rows(start, length))
+        self._check(start + length)
+        return self.table.weight[start:start + length]  # a slice, not a lookup: no index tensor to build
+
+    def _check(self, end: int) -> None:
         block_size = self.table.num_embeddings
         if end > block_size:
             raise ConfigError(
@@ -41,9 +48,6 @@ class LearnedPositions(nn.Module):
                 f"(block_size={block_size}); crop the input to {block_size} tokens or use positions='sinusoidal' "
                 "or 'alibi', which handle any length"
             )
-        if isinstance(start, Tensor):
-            return self.table(positions_of_rows(start, length))
-        return self.table.weight[start:end]  # a slice, not a lookup: no index tensor to build
 
 
 def sinusoidal_table(length: int, dim: int, start: int = 0) -> Tensor:
@@ -91,8 +95,10 @@ class SinusoidalPositions(nn.Module):
         """Like LearnedPositions.forward: (length, n_embd), or (B, length, n_embd) for a tensor of starts."""
         if isinstance(start, Tensor):
             positions = positions_of_rows(start, length)
-            if int(positions.max()) < self.table.shape[0]:
+            if not torch.compiler.is_compiling() and int(positions.max()) < self.table.shape[0]:
                 return self.table[positions]
+            # Past the table, or compiled: there the closed form's few fused ops replace a check that would wait
+            # for the GPU (a CUDA-graph decoding step takes no decision on values).
             return (self.scale * sinusoids(positions, self.table.shape[1])).to(self.table)
         end = start + length
         if end <= self.table.shape[0]:
@@ -130,11 +136,11 @@ def alibi_mask(slopes: Tensor, q_len: int, k_len: int) -> Tensor:
     return bias.masked_fill(j > i, float("-inf"))
 
 
-def alibi_mask_rows(slopes: Tensor, start: Tensor, q_len: int) -> Tensor:
-    """alibi_mask for rows of their own lengths: (B, H, q_len, K), query i of row b at position start[b] + i,
-    keys 0 .. K-1 with K the longest row's key count; keys past a row's own query are -inf."""
+def alibi_mask_rows(slopes: Tensor, start: Tensor, q_len: int, k_len: int) -> Tensor:
+    """alibi_mask for rows of their own lengths: (B, H, q_len, k_len), query i of row b at position start[b] + i,
+    keys 0 .. k_len-1 (the KV cache's: see KVCache.key_count); keys past a row's own query are -inf."""
     i = positions_of_rows(start, q_len)[:, None, :, None]  # (B, 1, q_len, 1)
-    j = torch.arange(int(start.max()) + q_len, device=start.device)
+    j = torch.arange(k_len, device=start.device)
     bias = -slopes[:, None, None].to(start.device) * (i - j).to(slopes.dtype)  # (B, H, q_len, K)
     return bias.masked_fill(j > i, float("-inf"))
 
@@ -166,9 +172,9 @@ class ALiBi(nn.Module):
             mask = self._masks[key] = alibi_mask(self.slopes, q_len, k_len)[None]
         return mask
 
-    def rows(self, start: Tensor, q_len: int) -> Tensor:
-        """The (B, H, q_len, K) mask of rows whose queries start at their own positions (see alibi_mask_rows)."""
-        return alibi_mask_rows(self.slopes, start, q_len)
+    def rows(self, start: Tensor, q_len: int, k_len: int) -> Tensor:
+        """The (B, H, q_len, k_len) mask of rows whose queries start at their own positions (see alibi_mask_rows)."""
+        return alibi_mask_rows(self.slopes, start, q_len, k_len)
 
 
 class RotaryPositions(nn.Module):
@@ -192,8 +198,9 @@ class RotaryPositions(nn.Module):
         row), each (B, 1, length, d/2), which broadcasts over the heads."""
         if isinstance(start, Tensor):
             positions = positions_of_rows(start, length)
-            if int(positions.max()) < self.cos.shape[0]:
+            if not torch.compiler.is_compiling() and int(positions.max()) < self.cos.shape[0]:
                 return self.cos[positions][:, None], self.sin[positions][:, None]
+            # Past the table, or compiled (see SinusoidalPositions.forward): the closed form.
             table = sinusoids(positions, 2 * self.cos.shape[1]).to(self.cos)
             return table[..., 1::2][:, None], table[..., 0::2][:, None]
         end = start + length

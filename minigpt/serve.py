@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA, else sdpa)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="CPU inference with int8 Linear weights (faster decoding, slightly higher loss)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with CUDA graphs: the decoding step of --max-batch rows compiled once "
+                        "(torch.compile); the first request waits for the compilation")
     p.add_argument("--max-batch", type=int, default=limits.max_batch, help=f"sequences decoded together (default: {limits.max_batch})")
     p.add_argument("--max-queue", type=int, default=limits.max_queue,
                    help=f"sequences waiting for a place (default: {limits.max_queue}); more requests are refused "
@@ -77,12 +80,13 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_for_inference(args.out_dir, args.init_from, args.device, args.dtype, args.quantize, args.attention)
+    loaded = load_for_inference(args.out_dir, args.init_from, args.device, args.dtype, args.quantize, args.attention,
+                                args.compile)
     model = loaded.model
     name = str(args.init_from or args.out_dir).rstrip("/")
     model_id = Path(name).resolve().name if Path(name).is_dir() else name  # a folder's name, or the hub name
     limits = ServerLimits(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens)
-    app = create_app(model, loaded.tokenizer, model_id, limits, loaded.autocast)
+    app = create_app(model, loaded.tokenizer, model_id, limits, loaded.autocast, loaded.compile)
 
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]

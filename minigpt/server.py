@@ -398,13 +398,15 @@ class Choice:
 
 # ------------------------------------------------------------------------------------------- the application
 def create_app(model, tokenizer, model_id: str, limits: ServerLimits | None = None,
-               step_context: Callable[[], ContextManager] = contextlib.nullcontext):
-    """The FastAPI application serving `model`; the engine's thread starts and stops with it (its lifespan)."""
+               step_context: Callable[[], ContextManager] = contextlib.nullcontext, compile: bool = False):
+    """The FastAPI application serving `model`; the engine's thread starts and stops with it (its lifespan).
+    compile: the engine decodes with its compiled step of fixed shapes (CUDA graphs on a GPU; Engine)."""
     limits = limits or ServerLimits()
     config = model.config
     max_prompt = config.context_limit or PROMPT_CONTEXTS * config.block_size
     vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < config.vocab_size else None
-    worker = EngineWorker(Engine(model, limits.max_batch, vocab_limit), limits.max_queue, step_context)
+    worker = EngineWorker(Engine(model, limits.max_batch, vocab_limit, compile=compile), limits.max_queue,
+                          step_context)
     device = model.wte.weight.device
     started = int(time.time())
     page = PAGE.read_text(encoding="utf-8")

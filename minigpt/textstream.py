@@ -83,11 +83,13 @@ class SampleStream:
 
     def __init__(self, model: "GPT", tokenizer, prompt_ids: "torch.Tensor", max_new_tokens: int, *,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 use_cache: bool = True, generator: "torch.Generator | None" = None, stop: Sequence[str] = ()) -> None:
+                 use_cache: bool = True, generator: "torch.Generator | None" = None, stop: Sequence[str] = (),
+                 compile: bool = False) -> None:
         from .generate import generate_tokens
 
         self._next_ids = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, use_cache,
-                                         generator, stop_id=tokenizer.eot_id, vocab_limit=tokenizer.vocab_size)
+                                         generator, stop_id=tokenizer.eot_id, vocab_limit=tokenizer.vocab_size,
+                                         compile=compile)
         self._eot_id = tokenizer.eot_id
         self._text = TextStream(tokenizer, stop)
         self.tokens = 0

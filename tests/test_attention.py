@@ -118,9 +118,9 @@ def test_flex_generation_equals_sdpa(positions):
 
 def test_a_decoding_step_keeps_sdpa_and_a_prefill_uses_flex():
     model = model_with("alibi", "flex")
-    assert isinstance(model._attention_mask(7, 0), attention.FlexMask)
-    assert isinstance(model._attention_mask(3, 7), attention.FlexMask)  # a chunk after a cached prefix
-    assert isinstance(model._attention_mask(1, 7), attention.SdpaMask)
+    assert isinstance(model._attention_mask(7, 0, 7), attention.FlexMask)
+    assert isinstance(model._attention_mask(3, 7, 10), attention.FlexMask)  # a chunk after a cached prefix
+    assert isinstance(model._attention_mask(1, 7, 8), attention.SdpaMask)
 
 
 def test_the_block_mask_is_built_once_per_shape(monkeypatch):

@@ -89,10 +89,10 @@ def test_positions_past_a_rows_length_hold_zeros_not_uninitialised_memory():
 
 def test_row_masks_equal_the_equal_length_masks_of_each_row():
     start = torch.tensor([2, 6, 0])
-    mask = causal_mask_rows(start, 2)
+    mask = causal_mask_rows(start, 2, 8)
     assert mask.shape == (3, 1, 2, 8)
     slopes = alibi_slopes(4)
-    bias = alibi_mask_rows(slopes, start, 2)
+    bias = alibi_mask_rows(slopes, start, 2, 8)
     assert bias.shape == (3, 4, 2, 8)
     for row, s in enumerate(start.tolist()):
         k_len = s + 2

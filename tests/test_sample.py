@@ -1,5 +1,6 @@
 """sample.py end to end on a tiny checkpoint trained in a fixture: generation, streaming, evaluation, bad input."""
 import contextlib
+import functools
 import importlib.util
 import io
 import json
@@ -355,3 +356,30 @@ def test_an_empty_stop_string_is_refused(run_dir):
 def test_int8_with_a_dtype_names_the_dtype_to_leave_out(run_dir):
     one_line_error(sample(run_dir, "--quantize", "int8", "--device", "cpu", "--dtype", "bfloat16"),
                    "--quantize int8 runs in float32; leave out --dtype bfloat16")
+
+
+def test_compile_samples_what_eager_samples(run_dir, monkeypatch):
+    """--compile (its step compiled here through the "aot_eager" backend: a CPU has no CUDA graphs, and inductor's
+    C++ build would take long) writes eager's greedy text and seeded samples, past the learned model's window of
+    32 tokens (re-primed by a prefill)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    args = ("--prompt", "emoji", "--max-new-tokens", "40", "--seed", "5", "--num-samples", "2")
+    try:
+        for more in (("--temperature", "0"), ()):
+            eager = sample_json(run_dir, *args, *more)
+            compiled = sample(run_dir, "--json", *args, *more, "--compile")
+            assert "the first tokens wait for the decoding step to compile" in compiled.stderr
+            assert [s["text"] for s in json.loads(compiled.stdout)["samples"]] == [s["text"] for s in eager["samples"]]
+            assert eager["samples"][0]["tokens"] > BLOCK or eager["samples"][1]["tokens"] > BLOCK
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--compile", "--no-cache"), "leave out --no-cache or --compile"),
+    (("--compile", "--eval", "some.txt"), "leave it out with --eval"),
+    (("--compile", "--quantize", "int8", "--device", "cpu"), "leave out --quantize or --compile"),
+])
+def test_compile_refuses_what_it_cannot_compile(run_dir, args, expected):
+    one_line_error(sample(run_dir, *args), expected)

@@ -368,6 +368,7 @@ def test_ctrl_c_ends_the_streams_in_flight_and_exits_0(checkpoint, tmp_path):
     (["out", "--port", "70000"], "--port"),
     (["out", "--attention", "flash"], "--attention"),  # the settings sample.py takes, refused as it refuses them
     (["out", "--quantize", "int8", "--dtype", "bfloat16", "--device", "cpu"], "leave out --dtype bfloat16"),
+    (["out", "--quantize", "int8", "--compile", "--device", "cpu"], "leave out --quantize or --compile"),
 ])
 def test_bad_command_lines_fail_in_one_line(args, words, tmp_path, monkeypatch, capsys):
     from minigpt import serve
