@@ -335,15 +335,28 @@ def run_steps(bench: Bench, model: torch.nn.Module, row: TrainRow, batch_size: i
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def ours_decoder(model: GPT, compiled: bool) -> Callable[[Tensor, int], Tensor] | str:
-    """How our side decodes greedily at batch 1: a callable (prompt, new_tokens) -> ids, or why it cannot.
+def ours_decoder(bench: Bench, model: GPT, compiled: bool) -> Callable[[Tensor, int], Tensor]:
+    """How our side decodes greedily at batch 1: GPT.generate, through the engine; compiled, its one-position step
+    is the static-shape step of minigpt/static_step.py (on CUDA replayed as a CUDA graph). The engine compiles
+    with torch.compile's default backend; another --compile-backend (--smoke's CPU one) is swapped in around it."""
+    def decode(prompt: Tensor, new_tokens: int) -> Tensor:
+        with _compile_backend(bench.compile_backend) if compiled else contextlib.nullcontext():
+            return model.generate(prompt, new_tokens, temperature=0, compile=compiled)
 
-    Compiled decoding (issue 15 §6: CUDA graphs over a static-shape cache step, through the batched engine) is
-    not built yet. When it is, return its greedy decode here instead of the reason; the rows, their timing, the
-    agreement check and the "compiled / eager" ratio are already in place."""
-    if compiled:
-        return "not run: minigpt has no compiled decoding yet (issue 15 §6)"
-    return lambda prompt, new_tokens: model.generate(prompt, new_tokens, temperature=0)
+    return decode
+
+
+@contextlib.contextmanager
+def _compile_backend(backend: str) -> Iterator[None]:
+    if backend == "inductor":
+        yield
+        return
+    real = torch.compile
+    torch.compile = functools.partial(real, backend=backend)
+    try:
+        yield
+    finally:
+        torch.compile = real
 
 
 def peer_decoder(peer) -> Callable[[Tensor, int], Tensor]:
@@ -389,9 +402,10 @@ def measure_decoding(bench: Bench, prompt_tokens: int, new_tokens: int, trials: 
     peer = build_peer(bench, bench.vocab_size).eval()
     learned = same_weights(bench, peer).eval()
     alibi = build_ours(bench, "alibi", "flex", bench.vocab_size, training=False).eval()
-    decoders: dict[str, Callable | str] = {rows[0]["label"]: peer_decoder(peer)}
+    decoders: dict[str, Callable[[Tensor, int], Tensor]] = {rows[0]["label"]: peer_decoder(peer)}
     for row in rows[1:]:
-        decoders[row["label"]] = ours_decoder(learned if row["positions"] == "learned" else alibi, row["compiled"])
+        decoders[row["label"]] = ours_decoder(bench, learned if row["positions"] == "learned" else alibi,
+                                              row["compiled"])
     prompt = torch.randint(0, bench.vocab_size, (1, prompt_tokens),
                            generator=torch.Generator().manual_seed(0)).to(bench.device)
 
@@ -403,23 +417,18 @@ def measure_decoding(bench: Bench, prompt_tokens: int, new_tokens: int, trials: 
         peer_ids = decoders["GPT2LMHeadModel.generate"](prompt, check)[0, prompt_tokens:]
     agreement = (ours_ids == peer_ids).float().mean().item()
 
-    runnable = {label: fn for label, fn in decoders.items() if callable(fn)}
-    seconds: dict[str, list[float]] = {label: [] for label in runnable}
+    seconds: dict[str, list[float]] = {label: [] for label in decoders}
     with bench.autocast():
-        for fn in runnable.values():  # warm-up: kernel selection, FlexAttention's compilation
+        for fn in decoders.values():  # warm-up: kernel selection, FlexAttention's and the decoding step's compiles
             fn(prompt, new_tokens)
         for _ in range(trials):
-            for label, fn in runnable.items():
+            for label, fn in decoders.items():
                 seconds[label].append(timed(bench, functools.partial(fn, prompt, new_tokens)))
     for row in rows:
-        decoder = decoders[row["label"]]
-        if not callable(decoder):
-            row["status"] = decoder
-            continue
         times = seconds[row["label"]]
         row.update(status="ok", tokens_per_sec=new_tokens / statistics.median(times),
                    tokens_per_sec_min=new_tokens / max(times), tokens_per_sec_max=new_tokens / min(times))
-    del peer, learned, alibi, decoders, runnable
+    del peer, learned, alibi, decoders
     free_memory(bench)
     return {**settings, "greedy_agreement_float32": agreement, "agreement_tokens": check, "rows": rows}
 

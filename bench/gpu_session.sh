@@ -55,7 +55,8 @@ if wanted tests; then
     workers=$(python3 -c "import importlib.util as u; print('-n 3 --dist loadfile' if u.find_spec('xdist') else '')")
     part "CUDA tests (timeout $TESTS_S s) $workers" | tee "$OUT/tests.txt"
     MINIGPT_TEST_DEVICE=cuda timeout "$TESTS_S" python3 -m pytest -v -p no:cacheprovider $workers \
-        tests/test_attention.py tests/test_compile.py tests/test_train.py 2>&1 | tee -a "$OUT/tests.txt" | tail -n 40
+        tests/test_attention.py tests/test_compile.py tests/test_static_step.py tests/test_train.py 2>&1 \
+        | tee -a "$OUT/tests.txt" | tail -n 40
     echo "tests exit status ${PIPESTATUS[0]} (124: timed out)" | tee -a "$OUT/tests.txt"
 fi
 part "done" | tee -a "$OUT/tests.txt"
