@@ -282,6 +282,9 @@ class EngineWorker:
                 while not (self._inbox or self.engine.has_work or self._stopping):
                     self._wake.wait()
                 inbox, self._inbox = self._inbox, []
+                # Waiting until the step says where they are: counted from the inbox, the sequences would vanish
+                # from `counts` for a step, and `submit` would take a request that the full queue must refuse.
+                self._waiting += sum(len(seqs) for seqs, _ in inbox)
                 cancelling, stopping = self._cancelling, self._stopping
                 self._busy = True
             done_at_once = []  # max_tokens 0, or refused: finished without a step

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -338,6 +339,36 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_place(serve
     assert body.endswith("data: [DONE]\n\n") and body.count('"finish_reason": "length"') == 6
     wait_for_health(server, 0, 0)
     assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_sequences_the_engine_has_taken_still_count_as_waiting_during_its_step(checkpoint):
+    """The engine's thread takes the queued sequences at the start of a step, and the counts were refreshed only
+    at its end: for a step the queue looked empty, and a request that a full queue must refuse was taken."""
+    from minigpt.engine import Engine, Sequence
+    from minigpt.server import ApiError, EngineWorker
+
+    engine = Engine(load_model(checkpoint)[0], max_batch=1)
+    in_step, release = threading.Event(), threading.Event()
+    step = engine.step
+
+    def held_step():
+        in_step.set()
+        release.wait(30)
+        return step()
+
+    engine.step = held_step
+    worker = EngineWorker(engine, max_queue=2)
+    worker.start()
+    try:
+        worker.submit([Sequence([1], 2), Sequence([1], 2)], lambda: None)
+        assert in_step.wait(30)  # the engine holds both, in its first step
+        assert worker.counts() == (0, 2)
+        with pytest.raises(ApiError) as refused:
+            worker.submit([Sequence([1], 2)], lambda: None)
+        assert refused.value.status == 429
+    finally:
+        release.set()
+        worker.stop()
 
 
 def test_a_waiting_client_that_leaves_frees_its_place_too(server):
