@@ -98,3 +98,16 @@ def overflow_at(monkeypatch, calls: int) -> None:
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", forward)
+
+
+def run_engine(engine, *seqs, join_after: dict | None = None) -> None:
+    """Step an engine until every sequence is finished; join_after {step: [seqs]} adds some later."""
+    for seq in seqs:
+        engine.add(seq)
+    step = 0
+    while engine.has_work or (join_after and any(k >= step for k in join_after)):
+        for seq in (join_after or {}).get(step, []):
+            engine.add(seq)
+        engine.step()
+        assert len(engine.running) <= engine.max_batch
+        step += 1

@@ -7,14 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.engine import Engine, Sampling, Sequence
+from minigpt.config import POSITION_KINDS
 from minigpt.errors import ConfigError
 from minigpt.generate import generate_tokens
 from minigpt.attention import causal_mask_rows
 from minigpt.positions import alibi_mask, alibi_mask_rows, alibi_slopes
 
-from helpers import tiny
-
-ALL_KINDS = ("learned", "sinusoidal", "alibi", "rope")
+from helpers import run_engine, tiny
 
 
 def varied(positions: str, **overrides):
@@ -53,7 +52,7 @@ def ragged_cache(model, prompts: list[list[int]]):
     return cache
 
 
-@pytest.mark.parametrize("positions", ALL_KINDS)
+@pytest.mark.parametrize("positions", POSITION_KINDS)
 def test_rows_of_different_lengths_each_compute_what_they_would_alone(positions):
     """Decoding steps and a chunk of several positions on rows of lengths 3, 9 and 5 (past block_size 8 for
     the kinds that take any length) give each row the logits of a full forward over its own text."""
@@ -112,20 +111,7 @@ def test_equal_rows_keep_the_fast_path_without_a_mask(monkeypatch):
     assert masks == [None] * (3 * 2)  # a prefill (is_causal) and two steps, two layers each: never a mask
 
 
-def run(engine: Engine, *seqs: Sequence, join_after: dict | None = None) -> None:
-    """Step the engine until every sequence is finished; join_after {step: [seqs]} adds some later."""
-    for seq in seqs:
-        engine.add(seq)
-    step = 0
-    while engine.has_work or (join_after and any(k >= step for k in join_after)):
-        for seq in (join_after or {}).get(step, []):
-            engine.add(seq)
-        engine.step()
-        assert len(engine.running) <= engine.max_batch
-        step += 1
-
-
-@pytest.mark.parametrize("positions", ALL_KINDS)
+@pytest.mark.parametrize("positions", POSITION_KINDS)
 def test_sequences_joining_at_different_steps_decode_as_alone(positions):
     """Greedy sequences of different prompt lengths joining while others run (the learned model's windows
     slide past block_size 16 at different steps) give the tokens of full forward passes."""
@@ -133,7 +119,7 @@ def test_sequences_joining_at_different_steps_decode_as_alone(positions):
     first = Sequence(ids(4, 1), 18, Sampling(temperature=0))
     second = Sequence(ids(9, 2), 12, Sampling(temperature=0))
     third = Sequence(ids(2, 3), 6, Sampling(temperature=0))
-    run(Engine(model, max_batch=4), first, join_after={3: [second], 5: [third]})
+    run_engine(Engine(model, max_batch=4), first, join_after={3: [second], 5: [third]})
     for seq in (first, second, third):
         assert seq.finish_reason == "length"
         assert seq.tokens == greedy_reference(model, seq.prompt, seq.max_new_tokens)
@@ -147,16 +133,16 @@ def test_a_seeded_sequence_draws_the_same_tokens_alone_or_among_others():
                                                 generator=torch.Generator().manual_seed(5)))
 
     alone = seeded()
-    run(Engine(model), alone)
+    run_engine(Engine(model), alone)
     together = seeded()
     others = [Sequence(ids(3, 2), 25, Sampling(1.0, generator=torch.Generator().manual_seed(5))),  # same seed
               Sequence(ids(8, 3), 10, Sampling(0.7)),  # the global generator
               Sequence(ids(6, 4), 15, Sampling(temperature=0)),
               Sequence(ids(5, 1), 20, Sampling(1.0, top_k=20, top_p=0.95))]  # same settings, no seed
-    run(Engine(model, max_batch=3), others[0], others[1], join_after={2: [together], 4: others[2:]})
+    run_engine(Engine(model, max_batch=3), others[0], others[1], join_after={2: [together], 4: others[2:]})
     assert together.tokens == alone.tokens
     unseeded = Sequence(ids(5, 1), 20, Sampling(1.0, top_k=20, top_p=0.95, generator=torch.Generator().manual_seed(6)))
-    run(Engine(model), unseeded)
+    run_engine(Engine(model), unseeded)
     assert unseeded.tokens != alone.tokens  # the seed matters
 
 
@@ -168,7 +154,7 @@ def test_a_full_batch_queues_the_rest_and_frees_rows_as_sequences_finish():
         engine.add(seq)
     engine.step()
     assert engine.running == seqs[:2] and list(engine.waiting) == seqs[2:]
-    run(engine)
+    run_engine(engine)
     for seq in seqs:
         assert seq.tokens == greedy_reference(model, seq.prompt, seq.max_new_tokens)
     assert engine.cache.capacity >= 3 + 4 + 12 - 1  # grew for the longest request
@@ -190,7 +176,7 @@ def test_stop_id_and_cancel_free_the_row_at_once():
     changed = engine.step()
     assert leaver.finish_reason == never.finish_reason == "cancelled" and leaver in changed and never in changed
     assert engine.running == [stopper, runner] and not engine.waiting and never.tokens == []
-    run(engine)
+    run_engine(engine)
     assert stopper.finish_reason == "stop" and stopper.tokens == free[:free.index(free[2]) + 1]
     assert runner.tokens == greedy_reference(model, runner.prompt, 10)
     assert len(leaver.tokens) == 1
@@ -199,7 +185,7 @@ def test_stop_id_and_cancel_free_the_row_at_once():
 def test_logprobs_are_those_of_a_full_forward():
     model = varied("sinusoidal")
     seq = Sequence(ids(5, 1), 4, Sampling(temperature=0), logprobs=3, prompt_logprobs=True)
-    run(Engine(model, vocab_limit=30), Sequence(ids(7, 2), 6), seq)
+    run_engine(Engine(model, vocab_limit=30), Sequence(ids(7, 2), 6), seq)
     text = seq.prompt + seq.tokens
     for t, token in enumerate(text[1:], start=1):
         reference = torch.log_softmax(full_logits(model, text[:t])[:30], dim=-1)
@@ -215,8 +201,8 @@ def test_logprobs_are_those_of_a_full_forward():
 def test_no_cache_engine_equals_the_cached_one():
     model = varied("learned")
     cached, recomputed = (Sequence(ids(5, 1), 20, Sampling(temperature=0)) for _ in range(2))
-    run(Engine(model), cached)
-    run(Engine(model, use_cache=False), recomputed)
+    run_engine(Engine(model), cached)
+    run_engine(Engine(model, use_cache=False), recomputed)
     assert cached.tokens == recomputed.tokens == greedy_reference(model, cached.prompt, 20)
 
 

@@ -17,13 +17,13 @@ import torch
 from torch._dynamo.utils import counters
 
 from minigpt.engine import Engine, Sampling, Sequence
+from minigpt.config import POSITION_KINDS
 from minigpt.errors import ConfigError
 from minigpt.static_step import StaticRows, StaticStep
 
-from helpers import tiny
+from helpers import run_engine, tiny
 
 DEVICE = torch.device(os.environ.get("MINIGPT_TEST_DEVICE", "cpu"))
-ALL_KINDS = ("learned", "sinusoidal", "alibi", "rope")
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def ragged_cache(model, prompts: list[list[int]], rows: int, capacity: int):
     return cache
 
 
-@pytest.mark.parametrize("positions", ALL_KINDS)
+@pytest.mark.parametrize("positions", POSITION_KINDS)
 def test_the_static_step_computes_what_the_ordinary_step_does(positions, compiles, exact_float32):
     """Rows of lengths 3, 9 and 5 and a free fourth row, decoded for 6 steps (past block_size 8 for the kinds that
     take any length): the fixed-shape step, eager and compiled, gives each row in use the logits of the ordinary
@@ -90,19 +90,7 @@ def test_the_static_step_computes_what_the_ordinary_step_does(positions, compile
     assert_whole_graphs(compiles, 1)
 
 
-def run(engine: Engine, *seqs: Sequence, join_after: dict | None = None) -> None:
-    """Step the engine until every sequence is finished; join_after {step: [seqs]} adds some later."""
-    for seq in seqs:
-        engine.add(seq)
-    step = 0
-    while engine.has_work or (join_after and any(k >= step for k in join_after)):
-        for seq in (join_after or {}).get(step, []):
-            engine.add(seq)
-        engine.step()
-        step += 1
-
-
-@pytest.mark.parametrize("positions", ALL_KINDS)
+@pytest.mark.parametrize("positions", POSITION_KINDS)
 def test_a_compiled_engine_decodes_the_greedy_tokens_of_the_eager_one(positions, compiles, exact_float32):
     """Greedy sequences of different lengths joining while others run, a full batch of 3 in which the fourth waits
     for a freed row, the learned model's windows sliding past block_size 16 (re-primed by a prefill): the
@@ -114,8 +102,8 @@ def test_a_compiled_engine_decodes_the_greedy_tokens_of_the_eager_one(positions,
                 Sequence(ids(2, 3), 6, Sampling(temperature=0)), Sequence(ids(5, 4), 10, Sampling(temperature=0))]
 
     eager, compiled = sequences(), sequences()
-    run(Engine(model, max_batch=3), eager[0], join_after={3: eager[1:2], 5: eager[2:]})
-    run(Engine(model, max_batch=3, compile=True), compiled[0], join_after={3: compiled[1:2], 5: compiled[2:]})
+    run_engine(Engine(model, max_batch=3), eager[0], join_after={3: eager[1:2], 5: eager[2:]})
+    run_engine(Engine(model, max_batch=3, compile=True), compiled[0], join_after={3: compiled[1:2], 5: compiled[2:]})
     assert [s.tokens for s in compiled] == [s.tokens for s in eager]
     assert all(s.finish_reason == "length" for s in compiled)
     assert_whole_graphs(compiles, 1)
@@ -132,9 +120,9 @@ def test_the_cache_filling_up_compiles_one_graph_per_capacity_and_engines_share_
                 Sequence(ids(5, 2), 300, Sampling(temperature=0))]
 
     eager, compiled = sequences(), sequences()
-    run(Engine(model, max_batch=2), eager[0], join_after={10: eager[1:]})
+    run_engine(Engine(model, max_batch=2), eager[0], join_after={10: eager[1:]})
     engine = Engine(model, max_batch=2, compile=True)
-    run(engine, compiled[0], join_after={10: compiled[1:]})
+    run_engine(engine, compiled[0], join_after={10: compiled[1:]})
     assert [s.tokens for s in compiled] == [s.tokens for s in eager]
     assert engine.cache.capacity == 512
     assert_whole_graphs(compiles, 2)
