@@ -236,25 +236,32 @@ class Engine:
         return sorted(taken, key=lambda s: s.arrival)
 
     def _admit(self, busy: int) -> list[Sequence]:
-        """Waiting sequences that fit in the free rows, oldest first, with the cache made big enough for them."""
+        """Waiting sequences that fit in the free rows, oldest first, with the cache made big enough for their
+        prompts (it grows as their texts do, in _decode: a request's max_tokens reserves nothing)."""
         joining = [self.waiting.popleft() for _ in range(min(self.max_batch - busy, len(self.waiting)))]
         if joining and self.use_cache:
-            need = max(len(s.prompt) + max(s.max_new_tokens, 1) - 1 for s in joining)
-            if self.static_step is not None:  # each new capacity is a new graph to compile: powers of two
-                need = max(MIN_CAPACITY, 1 << (need - 1).bit_length())
-            if self.window is not None:
-                need = min(need, self.window)
-            if self.cache is None:
-                self.cache = self.model.new_cache(self.max_batch, need)
-                self.cache.reset(rows=0)
-            elif need > self.cache.capacity:  # doubling: a server's growing requests copy the cache rarely
-                self.cache.reserve(max(need, min(2 * self.cache.capacity, self.window or 2 * self.cache.capacity)))
+            self._make_room(max(len(self._context(s)) for s in joining))
         return joining
+
+    def _make_room(self, positions: int) -> None:
+        """A cache of at least `positions` positions in every row, grown by doubling (a server's growing texts copy
+        it rarely); compiled, in powers of two (each capacity is a graph to compile); never beyond the window."""
+        if self.static_step is not None:
+            positions = max(MIN_CAPACITY, 1 << (positions - 1).bit_length())
+        if self.window is not None:
+            positions = min(positions, self.window)
+        if self.cache is None:
+            self.cache = self.model.new_cache(self.max_batch, positions)
+            self.cache.reset(rows=0)
+        elif positions > self.cache.capacity:
+            doubled = 2 * self.cache.capacity if self.window is None else min(2 * self.cache.capacity, self.window)
+            self.cache.reserve(max(positions, doubled))
 
     # ------------------------------------------------------------------------------------------ forwards
     def _decode(self) -> Tensor:
         """Logits (rows, vocab) after feeding every running row its last token, each at its own position."""
         tokens = [seq.tokens[-1] for seq in self.running]
+        self._make_room(max(self.cache.lengths) + 1)
         if self.static_step is not None:
             return self.static_step(self.cache, tokens)
         hidden = self.model.hidden_states(torch.tensor(tokens, device=self.device)[:, None], self.cache)

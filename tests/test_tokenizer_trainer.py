@@ -304,3 +304,6 @@ def test_the_splitter_gives_the_patterns_pieces(text):
         assert splitter(pattern)(text) == regex.findall(pattern, text)
         ascii_only = text.encode("ascii", "ignore").decode()
         assert splitter(pattern)(ascii_only) == regex.findall(pattern, ascii_only)
+        # after enough ASCII lines the text is mostly ASCII (patterns.MOSTLY_ASCII): it is cut at safe points
+        mostly_ascii = "ab cd\nxy\n" * 1500 + text
+        assert splitter(pattern)(mostly_ascii) == regex.findall(pattern, mostly_ascii)
