@@ -116,29 +116,33 @@ def keep_top_p(logits: Tensor, p: float) -> Tensor:
     """Logits with everything outside the nucleus set to -inf.
 
     The nucleus is the shortest prefix of the tokens sorted by probability whose total reaches p: a token is
-    kept when the mass of the tokens ranked above it is still below p (so the most likely token always is).
+    kept when the mass of the tokens ranked above it is still below p. The most likely token always is, even for
+    a p that float32 rounds to 0 (below ~1e-45), where that test would drop every token.
     """
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_above = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_above >= p, float("-inf"))
+    outside = mass_above >= p
+    outside[..., 0] = False
+    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
 def check_sampling_args(vocab_size: int, max_new_tokens: int, temperature: float, top_k: int | None,
                          top_p: float | None, stop_id: int | None) -> None:
     """Raise ConfigError naming the argument and its allowed range."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
         raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ConfigError(f"top_k must be an integer >= 1 (or None for no limit), got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise ConfigError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
-    if stop_id is not None and (not _is_int(stop_id) or not 0 <= stop_id < vocab_size):
+    if stop_id is not None and (not is_int(stop_id) or not 0 <= stop_id < vocab_size):
         raise ConfigError(f"stop_id must be a token id in [0, {vocab_size - 1}] (or None), got {stop_id!r}")
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An int that is not a bool (JSON's true is not a count)."""
     return isinstance(value, int) and not isinstance(value, bool)

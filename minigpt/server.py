@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 
 from .config import PROMPT_CONTEXTS
 from .engine import Engine, Sampling, Sequence
+from .generate import is_int
 from .textstream import TextStream
 
 log = logging.getLogger("minigpt.server")
@@ -137,7 +138,7 @@ def prompt_ids(prompt: Any, tokenizer, max_prompt: int) -> list[list[int]]:
     of ids; an empty prompt starts a new document (the end-of-text token), as sample.py does."""
     if prompt is None:
         prompt = ""
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         prompts = prompt
@@ -148,7 +149,7 @@ def prompt_ids(prompt: Any, tokenizer, max_prompt: int) -> list[list[int]]:
     for p in prompts:
         if isinstance(p, str):
             ids = tokenizer.encode(p, allowed_special="all")  # <|endoftext|> is the document separator, as OpenAI's
-        elif all(_is_int(t) and 0 <= t < tokenizer.vocab_size for t in p):
+        elif all(is_int(t) and 0 <= t < tokenizer.vocab_size for t in p):
             ids = list(p)
         else:
             raise ApiError(400, f"prompt token ids must be integers in [0, {tokenizer.vocab_size - 1}]", "prompt")
@@ -161,17 +162,13 @@ def prompt_ids(prompt: Any, tokenizer, max_prompt: int) -> list[list[int]]:
     return out
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _integer(body: dict, name: str, default: int | None, low: int, high: int | None, hint: str = "") -> int | None:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not _is_int(value) or value < low or (high is not None and value > high):
+    if not is_int(value) or value < low or (high is not None and value > high):
         within = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ApiError(400, f"{name} must be an integer {within}{hint}, got {json.dumps(value)}", name)
     return value
@@ -206,6 +203,9 @@ def _stops(stop: Any) -> tuple[str, ...]:
         raise ApiError(400, "stop must be a string or a list of strings", "stop")
     if len(stops) > MAX_STOPS:
         raise ApiError(400, f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", "stop")
+    if "" in stops:
+        raise ApiError(400, 'stop "" would stop before the first token; give the text to stop at, or no stop',
+                       "stop")
     return tuple(stops)
 
 
@@ -348,6 +348,8 @@ class Choice:
             return "", None
         piece, entries = "", []
         if self.echo:
+            if self.want_logprobs and self.seq.prompt_logprobs is None and not self.seq.finished:
+                return "", None  # still waiting for a row: its prompt is scored when it is prefilled
             piece, self.echo = self.echo, ""
             if self.want_logprobs:
                 entries += self._prompt_entries()
@@ -445,6 +447,8 @@ def create_app(model, tokenizer, model_id: str, limits: ServerLimits | None = No
             return json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body nests JSON arrays or objects too deeply") from None
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -483,7 +487,7 @@ def create_app(model, tokenizer, model_id: str, limits: ServerLimits | None = No
     async def detokenize(request: Request):
         body = await json_body(request)
         tokens = body.get("tokens") if isinstance(body, dict) else None
-        if not isinstance(tokens, list) or not all(_is_int(t) and 0 <= t < tokenizer.vocab_size for t in tokens):
+        if not isinstance(tokens, list) or not all(is_int(t) and 0 <= t < tokenizer.vocab_size for t in tokens):
             raise ApiError(400, f'the body must be {{"tokens": [ids]}} with ids in [0, {tokenizer.vocab_size - 1}]',
                            "tokens")
         check_model(body.get("model"))

@@ -116,6 +116,15 @@ def test_top_p_never_samples_outside_the_nucleus():
         assert set(draws[row].tolist()) == nuclei[row]
 
 
+def test_a_top_p_too_small_for_float32_still_keeps_the_most_likely_token():
+    """A top_p below float32's smallest number (~1e-45) rounds to 0 there, where `mass above >= p` holds for every
+    token; the most likely token is kept all the same (it was NaN probabilities and an exception)."""
+    logits = torch.randn(3, 37, generator=torch.Generator().manual_seed(0))
+    for p in (1e-50, 1e-45, 1e-9):
+        assert torch.equal(choose_next(logits, 1.0, top_p=p, generator=torch.Generator().manual_seed(1)),
+                           logits.argmax(dim=-1))
+
+
 def test_stop_id_finishes_rows_and_pads_them_with_stop_id():
     model = tiny("alibi")
     idx = prompt()

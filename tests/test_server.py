@@ -28,6 +28,7 @@ import torch
 
 from minigpt import GPT, GPTConfig
 from minigpt.checkpoint import load_model, save_checkpoint
+from minigpt.generate import choose_next
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +183,44 @@ def test_a_seeded_request_gives_the_same_text_alone_or_among_concurrent_ones(ser
         [f.result() for f in futures]
 
 
+def test_top_k_1_at_temperature_1_is_greedy(client):
+    def ask(**kw):
+        return client.completions.create(model="tiny-model", prompt=PROMPT, max_tokens=40, seed=3, **kw).choices[0].text
+
+    greedy = ask(temperature=0)
+    assert ask(temperature=1.0) != greedy  # the premise: this seed's draw at temperature 1 is not the greedy text
+    assert ask(temperature=1.0, extra_body={"top_k": 1}) == greedy
+
+
+def reference_draw(model, tok, seed: int, new: int, top_k: int | None, top_p: float | None) -> str:
+    """The text that generate.choose_next draws at temperature 1 from full forward passes, with a generator seeded
+    with `seed`, up to the end-of-text token."""
+    generator, ids, out = torch.Generator().manual_seed(seed), tok.encode(PROMPT), []
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(torch.tensor([ids[-BLOCK:]]))[0][:, -1, :tok.vocab_size]
+            token = int(choose_next(logits, 1.0, top_k, top_p, generator)[0])
+            if token == tok.eot_id:
+                break
+            out.append(token)
+            ids.append(token)
+    return tok.decode(out)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, 0.5), (3, None), (5, 0.8)])
+def test_seeded_top_k_and_top_p_draw_what_choose_next_draws_with_that_seed(client, checkpoint, top_k, top_p):
+    """Choice k of a request draws from a generator seeded with seed + k, through the same top-k and top-p: each
+    text is choose_next's with that generator (and, the premise, not the text drawn without those controls)."""
+    model, tok, _ = load_model(checkpoint)
+    seed, new = 21, 30
+    answer = client.completions.create(model="tiny-model", prompt=PROMPT, max_tokens=new, temperature=1.0, seed=seed,
+                                       n=2, top_p=top_p, extra_body={"top_k": top_k})
+    for k, choice in enumerate(answer.choices):
+        assert choice.text == reference_draw(model, tok, seed + k, new, top_k, top_p)
+    assert any(choice.text != reference_draw(model, tok, seed + k, new, None, None)
+               for k, choice in enumerate(answer.choices))
+
+
 def test_a_stream_concatenates_to_the_whole_answer(server, client):
     args = dict(model="tiny-model", prompt=["naïve café", "emoji 🙂"], max_tokens=40, temperature=1.0, seed=5,
                 n=2, stop=["ab", "\n"], logprobs=2)
@@ -243,6 +282,23 @@ def test_echo_logprobs_and_usage(server, client, checkpoint):
     assert token_logprobs[0] is None and token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
 
 
+def test_echo_logprobs_reach_the_choices_that_wait_for_a_row(client, checkpoint):
+    """Six choices for the batch's four rows: those that wait are prefilled later, and their prompt's logprobs come
+    all the same (the echo once went out at the first step, with nulls, and the values never followed)."""
+    model, tok, _ = load_model(checkpoint)
+    prompts = [PROMPT, "def f(x):"]
+    answer = client.completions.create(model="tiny-model", prompt=prompts, n=3, max_tokens=3, temperature=0,
+                                       echo=True, logprobs=1)
+    assert [c.index for c in answer.choices] == list(range(6))
+    for choice in answer.choices:
+        ids = tok.encode(prompts[choice.index // 3])
+        with torch.no_grad():
+            every = torch.log_softmax(model(torch.tensor([ids]))[0][0, :-1, :tok.vocab_size], dim=-1)
+        expected = every.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        token_logprobs = choice.logprobs.token_logprobs
+        assert token_logprobs[0] is None and token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+
+
 def test_end_of_text_finishes_with_stop_and_ignore_eos_goes_on(server, client):
     for seed in range(40):  # a random model ends a document now and then: find a seed where it does
         answer = client.completions.create(model="tiny-model", prompt="a", max_tokens=60, seed=seed)
@@ -260,6 +316,7 @@ def test_end_of_text_finishes_with_stop_and_ignore_eos_goes_on(server, client):
 @pytest.mark.parametrize("body, status, param", [
     ('{"prompt": "x", ', 400, None),  # malformed JSON
     ('["x"]', 400, None),
+    pytest.param("[" * 100000, 400, None, id="nested-too-deep"),  # deeper than Python's parser recurses
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": [1, 400]}, 400, "prompt"),
@@ -273,6 +330,8 @@ def test_end_of_text_finishes_with_stop_and_ignore_eos_goes_on(server, client):
     ({"prompt": "x", "n": 7}, 400, "n"),  # more than --max-queue 6 at once
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"prompt": "x", "stop": ""}, 400, "stop"),  # it would stop before the first token: refused, as sample.py does
+    ({"prompt": "x", "stop": ["\n", ""]}, 400, "stop"),
     ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ({"prompt": "x", "logprobs": True}, 400, "logprobs"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
@@ -378,6 +437,19 @@ def test_a_waiting_client_that_leaves_frees_its_place_too(server):
                  headers={"Content-Type": "application/json"})
     wait_for_health(server, 1, 0)
     conn.sock.close()
+    wait_for_health(server, 0, 0)
+
+
+def test_a_top_p_too_small_for_float32_fails_no_request_beside_it(server, client):
+    """top_p 1e-50 is 0 in float32: every token's probability became NaN, the engine's step failed, and every
+    request in it with it (500). Now only the most likely token is left, and the request beside it runs on."""
+    beside = long_stream(server, 1)
+    wait_for_health(server, 1, 0)
+    odd = client.completions.create(model="tiny-model", prompt=PROMPT, max_tokens=10, top_p=1e-50, seed=1)
+    assert odd.choices[0].text == client.completions.create(model="tiny-model", prompt=PROMPT, max_tokens=10,
+                                                            temperature=0).choices[0].text
+    wait_for_health(server, 1, 0)  # still decoding
+    beside.close()
     wait_for_health(server, 0, 0)
 
 
