@@ -149,6 +149,9 @@ class ALiBi(nn.Module):
     """Holds the slopes and a small cache of masks, built once per (length, dtype, device) and reused."""
 
     max_cached = 8  # training uses one length; generation a couple; this bounds memory if lengths keep changing
+    # Only masks up to a training context's size are kept (1024 x 1024 scores, 4 MB a head in float32); a longer
+    # prompt's is built and dropped (8192 x 8192 with 12 heads would hold 3.2 GB for the life of the model).
+    max_cached_scores = 1024 * 1024
 
     def __init__(self, n_head: int) -> None:
         super().__init__()
@@ -165,11 +168,12 @@ class ALiBi(nn.Module):
         key = (q_len, k_len, self.slopes.dtype, self.slopes.device, torch.is_inference_mode_enabled())
         mask = self._masks.get(key)
         if mask is None:
-            if q_len == 1:  # a generation step: a fresh row is cheaper than caching one per length
-                return alibi_mask(self.slopes, 1, k_len)[None]
-            if len(self._masks) >= self.max_cached:
-                self._masks.clear()
-            mask = self._masks[key] = alibi_mask(self.slopes, q_len, k_len)[None]
+            mask = alibi_mask(self.slopes, q_len, k_len)[None]
+            # Not kept: a generation step's row (cheaper to build than to keep one per length), a long prompt's mask.
+            if q_len > 1 and q_len * k_len <= self.max_cached_scores:
+                if len(self._masks) >= self.max_cached:
+                    self._masks.clear()
+                self._masks[key] = mask
         return mask
 
     def rows(self, start: Tensor, q_len: int, k_len: int) -> Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from minigpt import GPT, GPTConfig
 from minigpt.errors import ConfigError
 from minigpt.model import INIT_STD
-from minigpt.positions import alibi_mask, alibi_slopes, sinusoidal_table
+from minigpt.positions import ALiBi, alibi_mask, alibi_slopes, sinusoidal_table
 
 from helpers import KINDS, tiny
 
@@ -188,6 +188,18 @@ def test_alibi_mask_is_minus_slope_times_distance_below_the_diagonal():
     # With a KV cache, the queries are the last positions of a longer key sequence.
     torch.testing.assert_close(alibi_mask(slopes, 3, 7), mask[:, 4:])
     torch.testing.assert_close(alibi_mask(slopes, 1, 7), mask[:, 6:])
+
+
+def test_alibi_keeps_the_masks_of_training_sizes_and_drops_larger_ones(monkeypatch):
+    """Masks are cached per length, but a long prompt's (1, H, 8192, 8192) would stay for good: only masks of up to
+    max_cached_scores are kept; a larger one is built, used and dropped."""
+    alibi = ALiBi(4)
+    monkeypatch.setattr(ALiBi, "max_cached_scores", 16 * 16, raising=False)
+    assert alibi(16, 16) is alibi(16, 16)  # built once, kept
+    larger = alibi(17, 17)
+    torch.testing.assert_close(larger, alibi_mask(alibi.slopes, 17, 17)[None])
+    assert larger is not alibi(17, 17)
+    assert [key[:2] for key in alibi._masks] == [(16, 16)]
 
 
 def test_learned_positions_refuse_sequences_longer_than_block_size():
