@@ -22,6 +22,7 @@ by inductor, with no graph to replay.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -33,8 +34,11 @@ MIN_CAPACITY = 256
 
 # Cache buffers that no engine uses any more, one per (shape, dtype, device). A new engine's cache moves into the
 # one of its shape, so that the CUDA graphs recorded on that address replay, instead of being recorded again for
-# every engine (GPT.generate makes one per call) and piling up.
-_spare_buffers: dict[tuple, Tensor] = {}
+# every engine (GPT.generate makes one per call) and piling up. At most MAX_SPARE_BUFFERS are kept, the least
+# recently given back dropped first: a process that goes through many shapes (batch sizes, capacities) holds a
+# few caches' memory, not one per shape for its whole life; a dropped shape's next engine records its graph anew.
+MAX_SPARE_BUFFERS = 4
+_spare_buffers: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
 class StaticRows:
@@ -112,4 +116,12 @@ class StaticStep:
         self._layers = [cache.kv[layer, kind] for layer in range(cache.kv.shape[0]) for kind in (0, 1)]
         for tensor in self._layers:
             torch._dynamo.mark_static_address(tensor)
-        self._release = weakref.finalize(self, _spare_buffers.__setitem__, key, cache.kv)
+        self._release = weakref.finalize(self, _give_back, key, cache.kv)
+
+
+def _give_back(key: tuple, buffer: Tensor) -> None:
+    """Keep `buffer` as the spare of its shape, dropping the least recently given back beyond MAX_SPARE_BUFFERS."""
+    _spare_buffers[key] = buffer
+    _spare_buffers.move_to_end(key)
+    while len(_spare_buffers) > MAX_SPARE_BUFFERS:
+        _spare_buffers.popitem(last=False)

@@ -19,6 +19,7 @@ from torch._dynamo.utils import counters
 from minigpt.engine import Engine, Sampling, Sequence
 from minigpt.config import POSITION_KINDS
 from minigpt.errors import ConfigError
+from minigpt import static_step
 from minigpt.static_step import StaticRows, StaticStep
 
 from helpers import run_engine, tiny
@@ -155,6 +156,23 @@ def test_engines_side_by_side_keep_their_own_buffers_and_a_later_one_takes_a_fre
     assert decode(third) == expected[:1]
     assert third.cache.kv.data_ptr() in freed
     assert_whole_graphs(compiles, 1)
+
+
+def test_the_spare_buffers_keep_the_few_most_recent_shapes():
+    """Each cache shape's buffer is kept for a later engine of that shape, but not every shape for the life of the
+    process: beyond MAX_SPARE_BUFFERS the least recently given back is dropped."""
+    model = tiny("alibi")
+    static_step._spare_buffers.clear()
+    try:
+        for rows in range(1, static_step.MAX_SPARE_BUFFERS + 3):  # the steps of engines of 1, 2, ... rows
+            cache = model.new_cache(rows, 8)
+            cache.kv = torch.zeros(cache.shape)
+            step = StaticStep(model)
+            step._adopt(cache)
+            del step  # gives its buffer back
+        assert [key[0][2] for key in static_step._spare_buffers] == list(range(3, static_step.MAX_SPARE_BUFFERS + 3))
+    finally:
+        static_step._spare_buffers.clear()
 
 
 def test_compile_without_the_cache_is_refused():
