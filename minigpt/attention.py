@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .config import ATTENTION_CHOICES, FLEX_MIN_HEAD_DIM, GPTConfig
 from .errors import ConfigError
-from .positions import ALiBi
+from .positions import ALiBi, positions_of_rows
 
 try:  # torch >= 2.5
     from torch.nn.attention import flex_attention as _flex_module
@@ -111,10 +111,9 @@ def sdpa_mask(q_len: int, start: int | Tensor, k_len: int, alibi: ALiBi | None, 
 def causal_mask_rows(start: Tensor, q_len: int, k_len: int) -> Tensor:
     """Boolean mask (B, 1, q_len, k_len) for rows of their own lengths: query i of row b sits at position
     start[b] + i and may see the keys up to it, of the k_len keys the KV cache returns (`KVCache.key_count`)."""
-    i = start[:, None, None, None] + torch.arange(q_len, device=start.device)[:, None]
+    i = positions_of_rows(start, q_len)[:, None, :, None]  # (B, 1, q_len, 1)
     j = torch.arange(k_len, device=start.device)
     return j <= i
-
 
 
 class BlockMasks:

@@ -61,6 +61,10 @@ class Sampling:
             return ("greedy",)
         return self.temperature, self.top_k, self.top_p, id(self.generator) if self.generator is not None else None
 
+    def choose(self, logits: Tensor) -> Tensor:
+        """One token per row of `logits` (rows, vocab), drawn under these settings."""
+        return choose_next(logits, self.temperature, self.top_k, self.top_p, self.generator)
+
 
 class TokenLogprob(NamedTuple):
     """A token's log-probability under the model (before temperature, top-k and top-p), and the `top` most likely
@@ -233,7 +237,7 @@ class Engine:
         taken = [self.running[row] for row in full]
         for row in reversed(full):
             self._remove_row(row)
-        return sorted(taken, key=lambda s: s.arrival)
+        return taken
 
     def _admit(self, busy: int) -> list[Sequence]:
         """Waiting sequences that fit in the free rows, oldest first, with the cache made big enough for their
@@ -316,12 +320,12 @@ class Engine:
         if len(groups) == 1:  # every row alike (one prompt, or a batch of generate): one call, no gather
             rows = sorted(range(len(seqs)), key=lambda r: seqs[r].arrival)
             if rows == list(range(len(seqs))):
-                return _choose_group(logits, seqs[0].sampling)
+                return seqs[0].sampling.choose(logits)
         next_ids = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         for rows in groups.values():
             rows.sort(key=lambda r: seqs[r].arrival)
             index = torch.tensor(rows, device=logits.device)
-            next_ids[index] = _choose_group(logits[index], seqs[rows[0]].sampling)
+            next_ids[index] = seqs[rows[0]].sampling.choose(logits[index])
         return next_ids
 
     def _score(self, seqs: list[Sequence], logits: Tensor, next_ids: Tensor) -> None:
@@ -337,11 +341,6 @@ class Engine:
 
     def _log_softmax(self, logits: Tensor) -> Tensor:
         return torch.log_softmax(logits[..., :self.vocab_limit].float(), dim=-1)
-
-
-def _choose_group(logits: Tensor, sampling: Sampling) -> Tensor:
-    temperature = 0.0 if sampling.group() == ("greedy",) else sampling.temperature
-    return choose_next(logits, temperature, sampling.top_k, sampling.top_p, sampling.generator)
 
 
 def _logprob_records(logprobs: Tensor, targets: Tensor, top: int) -> list[TokenLogprob]:
