@@ -37,7 +37,8 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .generate import check_sampling_args, choose_next, decoding_attention
-from .model import GPT, KVCache
+from .kv_cache import KVCache
+from .model import GPT
 from .static_step import MIN_CAPACITY, StaticStep
 
 # Prompts prefilled together are padded to the longest; a group takes the next (longer) prompt only while

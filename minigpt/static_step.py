@@ -27,7 +27,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from .model import GPT, KVCache
+from .kv_cache import KVCache
+from .model import GPT
 
 # The engine grows a compiled cache in powers of two from here: each new capacity is a new graph to compile.
 MIN_CAPACITY = 256
