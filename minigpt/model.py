@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import BlockMasks, FlexMask, SdpaMask, flex_attention, flex_mask, sdpa_mask
-from .config import GPTConfig
+from .config import ATTENTION_KERNELS, GPTConfig
 from .errors import ConfigError
 from .kv_cache import KVCache
 from .positions import ALiBi, LearnedPositions, RotaryPositions, SinusoidalPositions, rotate
@@ -43,9 +43,7 @@ class GPT(nn.Module):
         head_dim = config.n_embd // config.n_head
         self.rope = RotaryPositions(config.block_size, head_dim) if config.positions == "rope" else None
         self.drop = _dropout(config.dropout)
-        # Which kernel computes attention, "sdpa" or "flex" (attention.choose_attention picks it): a runtime
-        # choice like the device, so not a config field; every kernel computes the same function of the weights.
-        self.attention = "sdpa"
+        self.attention = "sdpa"  # which kernel computes attention (the property below)
         self.block_masks = BlockMasks()  # FlexAttention's, one per shape
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = _norm(config)
@@ -106,6 +104,18 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
+
+    @property
+    def attention(self) -> str:
+        """Which kernel computes attention, "sdpa" or "flex" (attention.choose_attention picks it): a runtime choice
+        like the device, so not a config field; every kernel computes the same function of the weights."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, kernel: str) -> None:
+        if kernel not in ATTENTION_KERNELS:
+            raise ConfigError(f"GPT.attention must be one of {', '.join(ATTENTION_KERNELS)}; got {kernel!r}")
+        self._attention = kernel
 
     def _attention_mask(self, q_len: int, start: int | Tensor, k_len: int) -> SdpaMask | FlexMask:
         """What keeps each query (positions start..start+q_len-1) from seeing later keys of the k_len keys, with

@@ -185,3 +185,13 @@ def test_what_cannot_run_is_refused_in_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"needs torch 2.5 or newer \(this is torch .*\); use --attention sdpa"):
         choose_attention("flex", config, cuda, training=False)
     assert choose_attention("auto", config, cuda, training=True) == "sdpa"
+
+
+def test_an_unknown_kernel_is_refused_when_set():
+    """GPT.attention is checked when set: "flash" once ran SDPA without a word."""
+    model = tiny("alibi")
+    with pytest.raises(ConfigError, match="sdpa, flex.*'flash'"):
+        model.attention = "flash"
+    assert model.attention == "sdpa"
+    model.attention = "flex"
+    assert model.attention == "flex"
