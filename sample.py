@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (for comparison)")
     p.add_argument("--compile", action="store_true",
                    help="decode with CUDA graphs: the decoding step compiled once (torch.compile), several times "
-                        "faster at batch 1 on a GPU; the first sample waits for the compilation")
+                        "faster at batch 1 on a GPU; the first sample waits for the compilation. The step has fixed "
+                        "shapes (every row, finished or not, over the KV cache's whole capacity), which a CPU, with "
+                        "no CUDA graphs to gain, computes in full")
     p.add_argument("--device", default="auto",
                    help=f"one of {', '.join(DEVICES)}, or {OPEN_CHOICES['device']}; auto: cuda, else mps, else cpu")
     p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
+from .checkpoint import BEST_DIR
 from .config import ATTENTION_CHOICES, DEVICES, DTYPES, OPEN_CHOICES, expand_path
 from .errors import ConfigError, MinigptError, run_cli
 from .server import EngineWorker, ServerLimits
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU inference with int8 Linear weights (faster decoding, slightly higher loss)")
     p.add_argument("--compile", action="store_true",
                    help="decode with CUDA graphs: the decoding step of --max-batch rows compiled once "
-                        "(torch.compile); the first request waits for the compilation")
+                        "(torch.compile); the first request waits for the compilation. Each step decodes all "
+                        "--max-batch rows, running or not: a CPU (no CUDA graphs) pays a full batch's step however "
+                        "few requests run")
     p.add_argument("--max-batch", type=int, default=limits.max_batch, help=f"sequences decoded together (default: {limits.max_batch})")
     p.add_argument("--max-queue", type=int, default=limits.max_queue,
                    help=f"sequences waiting for a place (default: {limits.max_queue}); more requests are refused "
@@ -83,8 +86,7 @@ def main() -> int:
     loaded = load_for_inference(args.out_dir, args.init_from, args.device, args.dtype, args.quantize, args.attention,
                                 args.compile)
     model = loaded.model
-    name = str(args.init_from or args.out_dir).rstrip("/")
-    model_id = Path(name).resolve().name if Path(name).is_dir() else name  # a folder's name, or the hub name
+    model_id = name_of(args.out_dir, args.init_from)
     limits = ServerLimits(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens)
     app = create_app(model, loaded.tokenizer, model_id, limits, loaded.autocast, loaded.compile)
 
@@ -101,6 +103,18 @@ def main() -> int:
     server.run(sockets=[sock])
     print("stopped", file=sys.stderr)
     return 0
+
+
+def name_of(out_dir: str | None, init_from: str | None) -> str:
+    """The model id the server answers to: its folder's name, or the hub name. A checkpoint's best/ subfolder is
+    "out/best": "best" alone would not say whose."""
+    name = str(init_from or out_dir).rstrip("/")
+    if not Path(name).is_dir():
+        return name
+    folder = Path(name).resolve()
+    if out_dir is not None and folder.name == BEST_DIR:
+        return f"{folder.parent.name}/{folder.name}"
+    return folder.name
 
 
 class _Server(uvicorn.Server):

@@ -483,6 +483,17 @@ def test_bad_command_lines_fail_in_one_line(args, words, tmp_path, monkeypatch, 
     assert exit_.value.code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err
 
 
+def test_the_model_id_is_the_folders_name_and_a_best_subfolder_says_whose(tmp_path, monkeypatch):
+    from minigpt.serve import name_of
+
+    (tmp_path / "out" / "best").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert name_of("out", None) == "out"
+    assert name_of("out/best/", None) == name_of(str(tmp_path / "out" / "best"), None) == "out/best"
+    assert name_of(None, "gpt2") == "gpt2"  # a hub name, as given
+    assert name_of(None, "out") == "out"  # a Hugging Face folder
+
+
 # ------------------------------------------------------------------------------------------- the page
 BROWSER_REQUIRED = os.environ.get("MINIGPT_BROWSER_TESTS") == "1"  # .ci/run sets it: there the test must run
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
