@@ -12,6 +12,7 @@ row freed at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import functools
 import json
@@ -339,7 +340,10 @@ class Choice:
         self.finish_reason: str | None = None
         self.want_logprobs = req.logprobs is not None
         self.echo = tokenizer.decode(seq.prompt) if req.echo else ""
-        self.shown = b""  # the bytes of every token in logprobs so far (echo included), for text_offset
+        # text_offset: the characters of every token in logprobs so far (echo included), counted as they come (a
+        # character split over tokens counts once complete, so a token that starts one gets its start).
+        self.shown_chars = 0
+        self.shown_utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
 
     def take(self) -> tuple[str, dict | None]:
         """The text that became safe since the last call and the logprobs of the tokens taken in with it; sets
@@ -381,8 +385,8 @@ class Choice:
                 for t, r in zip(self.seq.prompt, records)]
 
     def _entry(self, token: int, logprob: float | None, top: list | None) -> tuple:
-        offset = len(self.shown.decode("utf-8", errors="ignore"))  # characters before it (a split one: its start)
-        self.shown += self.tokenizer.decode_bytes([token])
+        offset = self.shown_chars
+        self.shown_chars += len(self.shown_utf8.decode(self.tokenizer.decode_bytes([token])))
         return (self._token_text(token), logprob,
                 {self._token_text(i): lp for i, lp in top} if top is not None else None, offset)
 

@@ -535,13 +535,20 @@ def test_the_page_streams_a_completion_in_a_real_browser(server, client, tmp_pat
             page.fill("#max_tokens", "400")
             # Count the times the completion grows: streamed text arrives in pieces, not at once.
             page.evaluate("""() => { window.growths = 0; new MutationObserver(() => window.growths++)
-                .observe(document.getElementById('output'), {subtree: true, childList: true, characterData: true}); }""")
+                .observe(document.getElementById('output'), {subtree: true, childList: true, characterData: true});
+                window.labels = []; const stats = document.getElementById('stats');
+                new MutationObserver(() => window.labels.push(stats.textContent))
+                .observe(stats, {subtree: true, childList: true, characterData: true}); }""")
             page.click("#generate")
             page.wait_for_function("document.getElementById('stats').dataset.state === 'done'", timeout=30000)
             assert page.inner_text("#completion") == expected.choices[0].text
             stats = page.inner_text("#stats")
             assert re.search(rf"^{expected.usage.completion_tokens} tokens in [\d.]+s: [\d.]+ tokens/s", stats), stats
             assert page.evaluate("window.growths") > 10
+            # While it streams, the page counts tokens (it once counted chunks and called them tokens).
+            counts = [int(label.split()[0]) for label in page.evaluate("window.labels")
+                      if re.fullmatch(r"\d+ tokens, [\d.]+ tokens/s", label)]
+            assert counts and max(counts) == expected.usage.completion_tokens, page.evaluate("window.labels")
             assert not errors
         finally:
             browser.close()
