@@ -17,6 +17,8 @@ FLEX_MIN_HEAD_DIM = 16  # FlexAttention's fused kernel multiplies tiles of at le
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact (erf) GELU, or GPT-2's tanh approximation (for its pretrained weights)
 # Settings that are paths: `~` is expanded in them, wherever the value comes from (flag, config file, Python).
 PATH_FIELDS = ("data", "data_dir", "tokenizer", "init_from", "out_dir", "eval_choices")
+# Path settings that may name a Hugging Face hub repository instead ("gpt2"): a path only where one exists.
+HUB_NAME_FIELDS = ("tokenizer", "init_from")
 
 
 def expand_path(path: str) -> str:

@@ -37,7 +37,7 @@ from .attention import choose_attention
 from .checkpoint import (BEST_DIR, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state,
                          read_config, rng_state, save_checkpoint)
 from .choices import ChoiceSet, read_items
-from .config import PATH_FIELDS, TrainConfig, with_batch_tokens
+from .config import HUB_NAME_FIELDS, PATH_FIELDS, TrainConfig, with_batch_tokens
 from .device import autocast_dtype, resolve_device
 from .distributed import Dist, resume_command
 from .errors import CheckpointError, ConfigError, MinigptError
@@ -595,7 +595,7 @@ class _Run:
         settings.update(max_iters=self.schedule.max_iters, warmup_iters=self.schedule.warmup_iters)
         for name in PATH_FIELDS:
             value = settings[name]
-            if value is not None and (name != "init_from" or Path(value).exists()):  # else a hub name
+            if value is not None and (name not in HUB_NAME_FIELDS or Path(value).exists()):  # else a hub name
                 settings[name] = os.path.abspath(value)
         return settings
 

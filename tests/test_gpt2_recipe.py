@@ -12,6 +12,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 import train as train_cli
 from minigpt import GPT, ConfigError
+from minigpt import hf
+from minigpt.checkpoint import read_config
 from minigpt.config import TrainConfig, with_batch_tokens
 from minigpt.hf import open_tokenizer
 from minigpt.optim import lr_at
@@ -122,6 +124,30 @@ def test_a_hub_name_without_network_says_what_to_do(tmp_path):
                              "--out-dir", str(tmp_path / "out"), "--device", "cpu"],
                             capture_output=True, text=True, env=env, timeout=120)
     one_line_error(result, "--tokenizer", "openai-community/gpt2", "no network")
+
+
+def test_a_hub_tokenizer_is_saved_by_its_name(hf_folder, tmp_path, monkeypatch):
+    """--tokenizer gpt2 (a hub name, as the preset has it) stays "gpt2" in config.json, not <cwd>/gpt2: a new run
+    from that config.json finds it, and a resume that names it again takes the checkpoint's tokenizer without
+    asking the hub. (The hub is the local folder here: its download is the one thing faked.)"""
+    downloads = []
+
+    def from_the_hub(name, patterns=hf.HUB_FILES):
+        downloads.append(str(name))
+        return hf_folder
+
+    monkeypatch.setattr(hf, "resolve", from_the_hub)
+    monkeypatch.chdir(tmp_path)  # no folder named gpt2 here
+    corpus = write_corpus(tmp_path / "corpus.txt", sentences=300)
+    out = train(tiny_config(corpus, tmp_path / "cache", tmp_path / "out", tokenizer="gpt2", max_iters=2,
+                            eval_interval=2, eval_iters=1))
+    assert read_config(out)["train"]["tokenizer"] == "gpt2" and downloads == ["gpt2"]
+    again = train_cli.make_config(["--config", str(out / "config.json"), "--out-dir", str(tmp_path / "again")])
+    assert again.tokenizer == "gpt2"
+    assert read_config(train(again))["tokenizer_checksum"] == read_config(out)["tokenizer_checksum"]
+    downloads.clear()
+    train(train_cli.make_config(["--resume", "--out-dir", str(out), "--tokenizer", "gpt2", "--max-iters", "4"]))
+    assert read_config(out)["step"] == 4 and downloads == []  # the same setting: the checkpoint's own tokenizer
 
 
 # ----------------------------------------------------------------------------------------------- --prepare-only
