@@ -139,8 +139,9 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
     _say_what_is_ignored(values)
     if values.get("resume"):
         values = {**_checkpoint_settings(values.get("out_dir", TrainConfig().out_dir)), **values}
-    if "grad_accum" in given and values.get("total_batch_tokens") is not None:
-        raise ConfigError(f"--grad-accum {given['grad_accum']} contradicts --total-batch-tokens "
+    if "grad_accum" in asked and values.get("total_batch_tokens") is not None:  # (a checkpoint records both)
+        where = "" if "grad_accum" in given else f" (in {config_file})"
+        raise ConfigError(f"--grad-accum {values['grad_accum']}{where} contradicts --total-batch-tokens "
                           f"{values['total_batch_tokens']} (from the flags, the config file or the checkpoint), which "
                           f"sets grad_accum; give --total-batch-tokens alone")
     model_names = {f.name for f in fields(GPTConfig)} - set(DERIVED_MODEL_FIELDS)

@@ -68,6 +68,19 @@ def test_bad_batch_tokens_are_one_line_errors_from_the_cli(tmp_path):
     assert not (tmp_path / "out" / "data").exists() or not any((tmp_path / "out" / "data").iterdir())
 
 
+def test_grad_accum_from_a_config_file_contradicts_total_batch_tokens_too(tmp_path):
+    """Not only a --grad-accum flag: a file's grad_accum would be dropped without a word (grad_accum follows from
+    total_batch_tokens), so it is refused wherever each of the two comes from."""
+    both = tmp_path / "both.toml"
+    both.write_text("grad_accum = 4\ntotal_batch_tokens = 2048\nbatch_size = 16\n")
+    with pytest.raises(ConfigError, match=r"^--grad-accum 4 \(in .*both.toml\) contradicts --total-batch-tokens 2048"):
+        train_cli.make_config(["--config", str(both)])
+    accum = tmp_path / "accum.json"
+    accum.write_text(json.dumps({"grad_accum": 4}))
+    with pytest.raises(ConfigError, match=r"--grad-accum 4 \(in .*accum.json\) contradicts --total-batch-tokens 2048"):
+        train_cli.make_config(["--config", str(accum), "--total-batch-tokens", "2048"])
+
+
 def test_a_run_steps_the_tokens_it_was_asked_for(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.txt", sentences=300)
     cfg = tiny_config(corpus, tmp_path / "cache", tmp_path / "out", batch_size=2, total_batch_tokens=2 * 16 * 3,
@@ -76,6 +89,10 @@ def test_a_run_steps_the_tokens_it_was_asked_for(tmp_path, capsys):
     assert "96 tokens (2 x 16 x grad_accum 3 x 1 process(es))" in capsys.readouterr().out
     assert json.loads((out / "train_state.json").read_text())["grad_accum"] == 3
     assert records(out, "train")[-1]["step"] == 2
+    # its config.json records the grad_accum derived beside total_batch_tokens: a new run from it, and a resume
+    again = train_cli.make_config(["--config", str(out / "config.json"), "--out-dir", str(tmp_path / "again")])
+    resumed = train_cli.make_config(["--resume", "--out-dir", str(out), "--max-iters", "4"])
+    assert [with_batch_tokens(c, 1).grad_accum for c in (again, resumed)] == [3, 3]
 
 
 # ------------------------------------------------------------------------------------------------- --tokenizer
