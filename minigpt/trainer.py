@@ -410,7 +410,9 @@ class _Run:
         """--max-time, before the first step: guess the step time from the evaluation just made, and say now what
         the budget will do. A budget shorter than the measuring phase (the steps that are timed, an evaluation
         and a save) cannot be kept: warn. A warmup as long as the steps there is time for would never end: shorten
-        it now, so that the steps it covers are those of the shortened warmup."""
+        it now, so that the steps it covers are those of the shortened warmup; but not with --compile, whose
+        compilation is in that evaluation's time (a guess many times too long: a warmup of 100 was cut to 8 where
+        the timed steps left room for 266), and the measured plan (_fix_step_count) shortens it if need be."""
         cfg, schedule = self.cfg, self.schedule
         batch_s = self.world.from_main(self.eval_batch_s or 0.0, self.device)  # rank 0 evaluated: its numbers
         step_s, eval_s = STEP_COST_IN_EVAL_BATCHES * cfg.grad_accum * batch_s, 2 * cfg.eval_iters * batch_s
@@ -418,11 +420,12 @@ class _Run:
         if measuring > self.budget.seconds:
             self.say(f"warning: --max-time {cfg.max_time} is shorter than the first {SKIP_STEPS + MEASURE_STEPS} "
                      f"steps, an evaluation and a save, which the run times before it fixes its step count: about "
-                     f"{format_duration(measuring)} here (guessed from the first evaluation). It will run over its "
+                     f"{format_duration(measuring)} here (guessed from the first evaluation"
+                     f"{', its compilation included' if cfg.compile else ''}). It will run over its "
                      f"budget; give a longer --max-time, or --max-iters N")
         expected = plan_steps(self.budget.seconds, self.budget.elapsed(), 0, max(step_s, 1e-9), eval_s,
                               cfg.eval_interval)
-        if schedule.warmup_iters >= expected:
+        if schedule.warmup_iters >= expected and not cfg.compile:
             schedule.warmup_iters = expected // 10
             self.say(f"time budget {cfg.max_time}: about {expected} step{'s' * (expected != 1)} expected (guessed "
                      f"from the first evaluation), no more than --warmup-iters {cfg.warmup_iters}: the warmup is "
