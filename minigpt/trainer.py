@@ -266,8 +266,8 @@ class _Run:
     def _prepare_data(self, resume_config: dict[str, Any] | None, state: TrainState | None) -> PreparedData:
         """Tokens from the cache, prepared first if needed. Under torchrun every rank asks: the first builds the
         files, the others wait on a file lock (not in a collective, which would time out on a long preparation)
-        and then reuse them; only rank 0 talks. A resume encodes with the checkpoint's tokenizer, and trains on
-        the tokens it was trained on when its corpus is gone."""
+        and then reuse them; only rank 0 talks. A resume encodes with the checkpoint's tokenizer, trains on the
+        tokens it was trained on when its corpus is gone, and says so when the corpus has changed."""
         cfg = self.cfg
         tokenizer = cfg.tokenizer
         if state is not None and tokenizer in (None, resume_config.get("train", {}).get("tokenizer")):
@@ -288,11 +288,15 @@ class _Run:
                 self.say(f"note: the corpus cannot be read ({str(gone).split(';')[0]}); resuming on the tokens "
                          f"prepared from it in {cached.dir}")
                 return cached
-        return prepare_data(cfg.data, data_dir, dataset=cfg.dataset,
+        data = prepare_data(cfg.data, data_dir, dataset=cfg.dataset,
                             dataset_config=cfg.dataset_config, text_field=cfg.text_field, errors=cfg.errors,
                             tokenizer=tokenizer, vocab_size=cfg.vocab_size, pattern=cfg.pattern,
                             val_fraction=cfg.val_fraction, max_bytes=cfg.max_bytes, progress=cfg.progress,
                             verbose=self.world.main)
+        changed = state.data_change(data) if state is not None else None
+        if changed:
+            self.say(changed)
+        return data
 
     def _check_data_size(self) -> None:
         cfg, T = self.cfg, self.model_config.block_size
