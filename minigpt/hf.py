@@ -198,8 +198,8 @@ def gpt_config(folder: Path) -> GPTConfig:
 
 def _training_context(folder: Path, declared: int) -> int:
     """The block_size of a model whose positions take any length (ALiBi, RoPE): the config declares how far it may
-    be run (`minigpt.export` writes a large number there), the tokenizer's model_max_length how long its training
-    inputs were; the shorter, as the window to evaluate and finetune on."""
+    be run (`minigpt.export` writes a large number there for ALiBi), the tokenizer's model_max_length how long its
+    training inputs were; the shorter, as the window to evaluate and finetune on."""
     try:
         trained = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))["model_max_length"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
