@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import shlex
 import sys
 from dataclasses import fields
@@ -180,7 +179,11 @@ def _say_what_is_ignored(values: dict[str, Any]) -> None:
     source = ("--tokenizer " + shlex.quote(str(values["tokenizer"])) if values.get("tokenizer") else
               "the checkpoint's tokenizer (--resume)" if values.get("resume") else None)
     ignored = [f"--{k.replace('_', '-')}" for k in ("vocab_size", "pattern") if k in values]
-    if source and ignored and int(os.environ.get("RANK", 0)) == 0:
+    if not (source and ignored):
+        return
+    from minigpt.distributed import Dist  # imports torch: only when there is something to say
+
+    if Dist.from_env().main:
         print(f"note: {' and '.join(ignored)} ignored: the vocabulary comes from {source}", file=sys.stderr)
 
 
@@ -209,12 +212,15 @@ def _checkpoint_settings(out_dir: str) -> dict[str, Any]:
 
 def main() -> int:
     cfg = make_config()
-    from minigpt.trainer import next_step_hint, train  # torch is imported only once the settings are valid
+    from minigpt.distributed import Dist  # torch is imported only once the settings are valid
+    from minigpt.trainer import next_step_hint, train
 
     out = train(cfg)
+    if not Dist.from_env().main:
+        return 0
     if cfg.prepare_only:
         print("train on these tokens with the same data settings (and --data-dir), without --prepare-only")
-    elif int(os.environ.get("RANK", 0)) == 0:
+    else:
         print(f"\ncheckpoint: {out}/ (best validation loss: {out}/best/)\n"
               f"sample from it: python sample.py --out-dir {shlex.quote(str(out))}\n"
               f"train it further: {next_step_hint(out)}")

@@ -192,6 +192,7 @@ CHOICES = {"positions": POSITION_KINDS, "norm": NORMS, "mlp": MLPS, "activation"
            "attention": ATTENTION_CHOICES}
 # What a choice setting accepts beyond its list (shown in --help and in the error).
 OPEN_CHOICES = {"device": "cuda:N", "pattern": "a regex"}
+MIN_TIME_BUDGET_S = 1.0  # a --max-time below this cannot even be measured (see stopping.TimeBudget)
 
 
 @dataclass
@@ -333,9 +334,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         return from_dict_strict(cls, values)
-
-
-MIN_TIME_BUDGET_S = 1.0  # a --max-time below this cannot even be measured (see stopping.TimeBudget)
 
 
 def with_batch_tokens(cfg: TrainConfig, world_size: int) -> TrainConfig:

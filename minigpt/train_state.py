@@ -189,7 +189,7 @@ def _from_version_1(values: dict[str, Any], settings: dict[str, Any], best_dir: 
             pass
     dtype = settings.get("dtype", "auto")
     precision = dtype if dtype != "auto" else "float16" if values.get("grad_scaler") else None
-    return {"version": VERSION, "best_step": best_step, "precision": precision, "prepared_data": None,
+    return {"best_step": best_step, "precision": precision, "prepared_data": None,
             "elapsed_s": values.get("elapsed_s", 0.0), "skipped_steps": values.get("skipped_steps", 0),
             "grad_scaler": values.get("grad_scaler") or {}, "early_stopping": values.get("early_stopping"),
             "planned_iters": values.get("planned_iters"), "data_seed": values.get("data_seed")}

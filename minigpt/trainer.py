@@ -48,7 +48,7 @@ from .model import GPT
 from .optim import Schedule, clip_grad_norm, make_optimizer, set_lr
 from .plot import plot_losses
 from .stopping import MEASURE_STEPS, SKIP_STEPS, EarlyStopping, TimeBudget, format_duration, plan_steps
-from .train_state import TrainState, check_same_run, check_same_tokenizer, resume_precision
+from .train_state import PRECISIONS, TrainState, check_same_run, check_same_tokenizer, resume_precision
 
 __all__ = ["train", "TrainingError", "resume_command", "read_resume_config", "next_step_hint", "loader_rank"]
 
@@ -318,10 +318,18 @@ class _Run:
                             rank=loader_rank(self.world.rank, m, cfg.grad_accum), world_size=shards)
                 for m in range(cfg.grad_accum)]
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step, over all processes."""
+        cfg = self.cfg
+        return cfg.batch_size * self.model_config.block_size * cfg.grad_accum * self.world.world_size
+
     def _announce(self) -> None:
-        cfg, c = self.cfg, self.model_config
-        tokens_per_step = cfg.batch_size * c.block_size * cfg.grad_accum * self.world.world_size
+        cfg, c, tokens_per_step = self.cfg, self.model_config, self.tokens_per_step
         flops = self.model.flops_per_token(c.block_size)
+        precision = PRECISIONS[self.amp_dtype] + ("" if self.amp_dtype is None else " autocast")
+        if self.scaler.is_enabled():
+            precision += " with loss scaling"
         self.say(
             f"model: {self.model.num_parameters() / 1e6:.2f}M parameters "
             f"({self.model.num_parameters(non_embedding=True) / 1e6:.2f}M non-embedding), "
@@ -332,7 +340,7 @@ class _Run:
             f"x {c.block_size} x grad_accum {cfg.grad_accum} x {self.world.world_size} process(es))\n"
             f"data: {len(self.data.train_tokens):,} train / {len(self.data.val_tokens):,} val tokens, "
             f"vocabulary {self.tokenizer.vocab_size}\n"
-            f"device: {self.device}, {_precision(self.amp_dtype)}, {self.model.attention} attention"
+            f"device: {self.device}, {precision}, {self.model.attention} attention"
             f"{', compiled' if cfg.compile else ''}, {self.world.world_size} process(es)\n{self.peak.reason}")
 
     def say(self, message: str) -> None:
@@ -342,7 +350,7 @@ class _Run:
     # --------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
         cfg, schedule = self.cfg, self.schedule  # schedule.max_iters: a time budget fixes it after the first steps
-        tokens_per_step = cfg.batch_size * self.model_config.block_size * cfg.grad_accum * self.world.world_size
+        tokens_per_step = self.tokens_per_step
         bar = tqdm(total=schedule.max_iters, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.world.main))
         first_step = self.step
@@ -616,12 +624,6 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def _precision(amp_dtype: torch.dtype | None) -> str:
-    if amp_dtype is None:
-        return "float32"
-    return "float16 autocast with loss scaling" if amp_dtype == torch.float16 else "bfloat16 autocast"
 
 
 def loader_rank(rank: int, micro_step: int, grad_accum: int) -> int:
