@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import shlex
 import sys
 from dataclasses import fields
@@ -139,8 +138,9 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
     _say_what_is_ignored(values)
     if values.get("resume"):
         values = {**_checkpoint_settings(values.get("out_dir", TrainConfig().out_dir)), **values}
-    if "grad_accum" in given and values.get("total_batch_tokens") is not None:
-        raise ConfigError(f"--grad-accum {given['grad_accum']} contradicts --total-batch-tokens "
+    if "grad_accum" in asked and values.get("total_batch_tokens") is not None:  # (a checkpoint records both)
+        where = "" if "grad_accum" in given else f" (in {config_file})"
+        raise ConfigError(f"--grad-accum {values['grad_accum']}{where} contradicts --total-batch-tokens "
                           f"{values['total_batch_tokens']} (from the flags, the config file or the checkpoint), which "
                           f"sets grad_accum; give --total-batch-tokens alone")
     model_names = {f.name for f in fields(GPTConfig)} - set(DERIVED_MODEL_FIELDS)
@@ -179,7 +179,11 @@ def _say_what_is_ignored(values: dict[str, Any]) -> None:
     source = ("--tokenizer " + shlex.quote(str(values["tokenizer"])) if values.get("tokenizer") else
               "the checkpoint's tokenizer (--resume)" if values.get("resume") else None)
     ignored = [f"--{k.replace('_', '-')}" for k in ("vocab_size", "pattern") if k in values]
-    if source and ignored and int(os.environ.get("RANK", 0)) == 0:
+    if not (source and ignored):
+        return
+    from minigpt.distributed import Dist  # imports torch: only when there is something to say
+
+    if Dist.from_env().main:
         print(f"note: {' and '.join(ignored)} ignored: the vocabulary comes from {source}", file=sys.stderr)
 
 
@@ -208,12 +212,15 @@ def _checkpoint_settings(out_dir: str) -> dict[str, Any]:
 
 def main() -> int:
     cfg = make_config()
-    from minigpt.trainer import next_step_hint, train  # torch is imported only once the settings are valid
+    from minigpt.distributed import Dist  # torch is imported only once the settings are valid
+    from minigpt.trainer import next_step_hint, train
 
     out = train(cfg)
+    if not Dist.from_env().main:
+        return 0
     if cfg.prepare_only:
         print("train on these tokens with the same data settings (and --data-dir), without --prepare-only")
-    elif int(os.environ.get("RANK", 0)) == 0:
+    else:
         print(f"\ncheckpoint: {out}/ (best validation loss: {out}/best/)\n"
               f"sample from it: python sample.py --out-dir {shlex.quote(str(out))}\n"
               f"train it further: {next_step_hint(out)}")

@@ -233,6 +233,12 @@ def _digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def corpus_key(folder: str | os.PathLike) -> str:
+    """The part of a prepared-data folder's name that names the corpus and the data settings (the tokenizer's part
+    left out): folders with the same key hold the same text, split the same way."""
+    return Path(folder).name.rsplit("-", 1)[0]
+
+
 def _find_prepared(folder: Path, given: Tokenizer | None) -> Path | None:
     """The folder when it is complete; with a given tokenizer, also a folder of the same corpus made by a
     tokenizer trained there with the same checksum (so that resuming with a checkpoint's tokenizer.json finds the
@@ -241,7 +247,7 @@ def _find_prepared(folder: Path, given: Tokenizer | None) -> Path | None:
         return folder
     if given is None:
         return None
-    same_corpus = folder.name.rsplit("-", 1)[0]
+    same_corpus = corpus_key(folder)
     for candidate in sorted(folder.parent.glob(f"{glob.escape(same_corpus)}-*")):
         try:
             meta = json.loads((candidate / META_FILE).read_text(encoding="utf-8"))

@@ -271,9 +271,9 @@ def read_train_state(directory: str | Path) -> tuple[dict[str, Any], dict[str, t
     return state, tensors
 
 
-def load_train_state(directory: str | Path, model: torch.nn.Module,
-                     optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load weights and optimizer state of a resumable checkpoint in place; returns (state JSON, extra tensors)."""
+def load_train_state(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the weights and the optimizer's state of a resumable checkpoint in place (the rest of the training
+    state is read_train_state's)."""
     folder = checkpoint_dir(directory, RESUME_FILES)
     _load_weights_into(model, folder / MODEL_FILE)
     state = _read_json(folder / STATE_JSON_FILE)
@@ -284,7 +284,6 @@ def load_train_state(directory: str | Path, model: torch.nn.Module,
     except (SafetensorError, KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"the training state in {folder} cannot be restored ({exc}); "
                               f"start a new run in another --out-dir") from None
-    return state, {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
 
 
 # ------------------------------------------------------------------------------ optimizer and RNG state

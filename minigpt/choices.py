@@ -12,7 +12,8 @@ HellaSwag, and so as to give their numbers for the same model (GPT-2 124M: acc 0
   the first choice.
 
 A row longer than the model's context keeps its last tokens: the context is cut from the left, and the item is
-counted in `cut`. An empty context becomes the end-of-text token (the start of every document in training).
+counted in `cut`. An empty context becomes the end-of-text token (the start of every document in training); with
+a tokenizer that has none, an item with an empty context is refused.
 
 Rows of all items are scored in batches of similar length: sorted by length, padded on the right. Padding after
 a row's end cannot change what the row's own positions see (attention is causal), so a batch gives each row
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ class Item:
     context: str
     choices: tuple[str, ...]
     label: int
+    where: str | None = field(default=None, compare=False)  # "FILE line N", for errors found once it is encoded
 
 
 def read_items(path: str | Path, limit: int | None = None) -> list[Item]:
@@ -95,7 +97,7 @@ def _parse_item(line: str, where: str) -> Item:
     if not 0 <= label < len(choices):
         raise MinigptError(f"{where}: label {label} is out of range for {len(choices)} choices (0 to "
                            f"{len(choices) - 1})")
-    return Item(context, tuple(choices), label)
+    return Item(context, tuple(choices), label, where)
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,10 @@ class ChoiceSet:
         start = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
         for i, item in enumerate(items):
             context = tokenizer.encode_ordinary(item.context) or start
+            if not context:  # the first token of a choice would be scored from nothing, a one-token choice not at all
+                raise MinigptError(f"{item.where or f'item {i + 1}'}: the context is empty, and the tokenizer has "
+                                   f"no end-of-text token to begin it with; give the item a context, or use a "
+                                   f"tokenizer with <|endoftext|>")
             cut = False
             for c, choice in enumerate(item.choices):
                 tokens = context + tokenizer.encode_ordinary(" " + choice)

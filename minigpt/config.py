@@ -17,6 +17,8 @@ FLEX_MIN_HEAD_DIM = 16  # FlexAttention's fused kernel multiplies tiles of at le
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact (erf) GELU, or GPT-2's tanh approximation (for its pretrained weights)
 # Settings that are paths: `~` is expanded in them, wherever the value comes from (flag, config file, Python).
 PATH_FIELDS = ("data", "data_dir", "tokenizer", "init_from", "out_dir", "eval_choices")
+# Path settings that may name a Hugging Face hub repository instead ("gpt2"): a path only where one exists.
+HUB_NAME_FIELDS = ("tokenizer", "init_from")
 
 
 def expand_path(path: str) -> str:
@@ -190,6 +192,7 @@ CHOICES = {"positions": POSITION_KINDS, "norm": NORMS, "mlp": MLPS, "activation"
            "attention": ATTENTION_CHOICES}
 # What a choice setting accepts beyond its list (shown in --help and in the error).
 OPEN_CHOICES = {"device": "cuda:N", "pattern": "a regex"}
+MIN_TIME_BUDGET_S = 1.0  # a --max-time below this cannot even be measured (see stopping.TimeBudget)
 
 
 @dataclass
@@ -331,9 +334,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         return from_dict_strict(cls, values)
-
-
-MIN_TIME_BUDGET_S = 1.0  # a --max-time below this cannot even be measured (see stopping.TimeBudget)
 
 
 def with_batch_tokens(cfg: TrainConfig, world_size: int) -> TrainConfig:

@@ -27,12 +27,14 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this machine (torchrun's --nproc_per_node)
 
     @classmethod
     def from_env(cls) -> Dist:
         """What torchrun put in the environment (nothing: a single process)."""
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        return cls(int(os.environ.get("RANK", 0)), world_size, int(os.environ.get("LOCAL_RANK", 0)),
+                   int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
     @property
     def enabled(self) -> bool:
@@ -108,9 +110,9 @@ class Dist:
 
 def resume_command(out: Path) -> str:
     """The shell command that continues the run in `out`: torchrun's when this run is one of its jobs."""
-    launcher = "python"
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        nodes = int(os.environ["WORLD_SIZE"]) // per_node
+    world, launcher = Dist.from_env(), "python"
+    if world.enabled:
+        per_node = world.local_world_size
+        nodes = world.world_size // per_node
         launcher = "torchrun" + (f" --nnodes={nodes}" if nodes > 1 else "") + f" --nproc_per_node={per_node}"
     return f"{launcher} train.py --resume --out-dir {shlex.quote(str(out))}"

@@ -34,10 +34,11 @@ from .errors import ConfigError, run_cli
 from .hf import CONV1D, FUSED, HEAD, LAYER_NORM_EPS, NAMES, ROPE_THETA, WEIGHTS_FILE
 from .model import GPT
 
-# How long an input the config declares for positions that take any length (ALiBi, RoPE): transformers' MPT
-# refuses inputs longer than its max_seq_len (it builds its ALiBi bias that long, H x 65536 numbers, on every call),
-# and vLLM and llama.cpp take max_position_embeddings as the longest context to serve. The training context goes
-# into tokenizer_config.json's model_max_length, where hf.py reads it back.
+# How long an input an MPT export declares (max_seq_len): ALiBi takes any length, and transformers' MPT refuses
+# inputs longer than this (it builds its ALiBi bias that long, H x 65536 numbers, on every call). RoPE does not
+# extrapolate beyond the training context, so Llama and Qwen3 declare block_size (max_position_embeddings, which
+# vLLM and llama.cpp take as the longest context to serve). The training context also goes into
+# tokenizer_config.json's model_max_length, where hf.py reads it back.
 ANY_LENGTH = 1 << 16
 EXPORT_MARKER = ".minigpt-export.json"  # {"format": MARKER_FORMAT, "version", "model_type", "files": [...]}
 MARKER_FORMAT = "minigpt-hf-export"
@@ -47,7 +48,6 @@ def hf_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
     """config.json for `model`, or a ConfigError naming the setting that no Hugging Face model type computes."""
     c = model.config
     model_type = c.export_format()
-    reach = max(c.block_size, ANY_LENGTH)
     common = {"model_type": model_type, "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_weights,
               "dtype": "float32"}
     if tokenizer.eot_id is not None:  # the tokenizer's real id of <|endoftext|>, wherever it sits
@@ -60,7 +60,7 @@ def hf_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
                 "attn_pdrop": c.dropout, **common}
     if model_type == "mpt":
         return {"architectures": ["MptForCausalLM"], "d_model": c.n_embd, "n_heads": c.n_head, "n_layers": c.n_layer,
-                "expansion_ratio": 4, "max_seq_len": reach, "no_bias": True, "learned_pos_emb": False,
+                "expansion_ratio": 4, "max_seq_len": max(c.block_size, ANY_LENGTH), "no_bias": True, "learned_pos_emb": False,
                 "layer_norm_epsilon": LAYER_NORM_EPS, "resid_pdrop": c.dropout, "emb_pdrop": c.dropout,
                 # attn_pdrop left at 0: transformers 5 types it as an int, so 0.1 would not load
                 "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_pdrop": 0, "attn_impl": "torch"},
@@ -69,7 +69,7 @@ def hf_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
     return {"architectures": [architecture], "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer,
             "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head, "head_dim": c.n_embd // c.n_head,
             "intermediate_size": model.blocks[0].mlp.proj.in_features, "hidden_act": "silu",
-            "max_position_embeddings": reach, "rms_norm_eps": LAYER_NORM_EPS,
+            "max_position_embeddings": c.block_size, "rms_norm_eps": LAYER_NORM_EPS,
             "rope_theta": ROPE_THETA, "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
             "attention_bias": False, "mlp_bias": False, "attention_dropout": c.dropout, "use_sliding_window": False,
             **common}

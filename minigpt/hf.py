@@ -37,12 +37,12 @@ from .model import GPT, NORM_EPS
 SUPPORTED_TYPES = ("gpt2", "mpt", "llama", "qwen3")  # mpt, llama, qwen3: the shapes that minigpt.export writes
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-HUB_FILES = ["*.safetensors", INDEX_FILE, "config.json", "generation_config.json", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
-LAYER_NORM_EPS = NORM_EPS  # our norms' epsilon (torch's nn.LayerNorm default): an import must have the same
-ROPE_THETA = 10000.0  # the base of our rotary angles, θ_k = 10000^(-2k/d) (positions.RotaryPositions)
+# What is downloaded of a hub repository: for --tokenizer its tokenizer files, for a model its weights and config too.
 TOKENIZER_HUB_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                        "merges.txt"]
+HUB_FILES = ["*.safetensors", INDEX_FILE, "config.json", "generation_config.json", *TOKENIZER_HUB_FILES]
+LAYER_NORM_EPS = NORM_EPS  # our norms' epsilon (torch's nn.LayerNorm default): an import must have the same
+ROPE_THETA = 10000.0  # the base of our rotary angles, θ_k = 10000^(-2k/d) (positions.RotaryPositions)
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # names transformers gives the tanh approximation
 
 
@@ -198,8 +198,8 @@ def gpt_config(folder: Path) -> GPTConfig:
 
 def _training_context(folder: Path, declared: int) -> int:
     """The block_size of a model whose positions take any length (ALiBi, RoPE): the config declares how far it may
-    be run (`minigpt.export` writes a large number there), the tokenizer's model_max_length how long its training
-    inputs were; the shorter, as the window to evaluate and finetune on."""
+    be run (`minigpt.export` writes a large number there for ALiBi), the tokenizer's model_max_length how long its
+    training inputs were; the shorter, as the window to evaluate and finetune on."""
     try:
         trained = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))["model_max_length"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from data.errors import DataError
-from data.prepare import META_FILE, PreparedData, load_prepared
+from data.prepare import META_FILE, PreparedData, corpus_key, load_prepared
 
 from .checkpoint import BEST_DIR, read_config, read_train_state, set_rng_state
 from .config import GPTConfig
@@ -126,6 +126,23 @@ class TrainState:
                 return load_prepared(folder, expected_checksum=checksum)
         return None
 
+    def data_change(self, data: PreparedData) -> str | None:
+        """A note for a resume that trains on other tokens than the checkpoint did, prepared afresh because the corpus
+        or the data settings changed (None: the same tokens, or unknown to a version 1 state). It goes on, as
+        nanoGPT's resume trains on whatever train.bin holds now (a corpus that grew is a reason to resume), but says
+        what changed: the batches, and the validation split that every earlier evaluation was made on."""
+        if self.prepared_data is None or corpus_key(self.prepared_data) == corpus_key(data.dir):
+            return None
+        then = ""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            tokens = json.loads((Path(self.prepared_data) / META_FILE).read_text(encoding="utf-8"))["tokens"]
+            then = f" ({tokens['train']:,} train + {tokens['val']:,} val tokens)"
+        return (f"note: the corpus or the data settings changed since the checkpoint, which trained on "
+                f"{self.prepared_data}{then}; this run goes on with the tokens prepared now in {data.dir} "
+                f"({len(data.train_tokens):,} + {len(data.val_tokens):,}), and its validation split is new: losses "
+                f"from here are not comparable with the earlier evaluations, which best/ and --patience compare them "
+                f"with")
+
     def same_layout(self, world_size: int, grad_accum: int) -> bool:
         """Whether the saved loaders and RNG streams are those of `world_size` processes × `grad_accum`."""
         return (self.world_size, self.grad_accum) == (world_size, grad_accum)
@@ -172,7 +189,7 @@ def _from_version_1(values: dict[str, Any], settings: dict[str, Any], best_dir: 
             pass
     dtype = settings.get("dtype", "auto")
     precision = dtype if dtype != "auto" else "float16" if values.get("grad_scaler") else None
-    return {"version": VERSION, "best_step": best_step, "precision": precision, "prepared_data": None,
+    return {"best_step": best_step, "precision": precision, "prepared_data": None,
             "elapsed_s": values.get("elapsed_s", 0.0), "skipped_steps": values.get("skipped_steps", 0),
             "grad_scaler": values.get("grad_scaler") or {}, "early_stopping": values.get("early_stopping"),
             "planned_iters": values.get("planned_iters"), "data_seed": values.get("data_seed")}

@@ -37,7 +37,7 @@ from .attention import choose_attention
 from .checkpoint import (BEST_DIR, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state,
                          read_config, rng_state, save_checkpoint)
 from .choices import ChoiceSet, read_items
-from .config import PATH_FIELDS, TrainConfig, with_batch_tokens
+from .config import HUB_NAME_FIELDS, PATH_FIELDS, TrainConfig, with_batch_tokens
 from .device import autocast_dtype, resolve_device
 from .distributed import Dist, resume_command
 from .errors import CheckpointError, ConfigError, MinigptError
@@ -48,7 +48,7 @@ from .model import GPT
 from .optim import Schedule, clip_grad_norm, make_optimizer, set_lr
 from .plot import plot_losses
 from .stopping import MEASURE_STEPS, SKIP_STEPS, EarlyStopping, TimeBudget, format_duration, plan_steps
-from .train_state import TrainState, check_same_run, check_same_tokenizer, resume_precision
+from .train_state import PRECISIONS, TrainState, check_same_run, check_same_tokenizer, resume_precision
 
 __all__ = ["train", "TrainingError", "resume_command", "read_resume_config", "next_step_hint", "loader_rank"]
 
@@ -266,8 +266,8 @@ class _Run:
     def _prepare_data(self, resume_config: dict[str, Any] | None, state: TrainState | None) -> PreparedData:
         """Tokens from the cache, prepared first if needed. Under torchrun every rank asks: the first builds the
         files, the others wait on a file lock (not in a collective, which would time out on a long preparation)
-        and then reuse them; only rank 0 talks. A resume encodes with the checkpoint's tokenizer, and trains on
-        the tokens it was trained on when its corpus is gone."""
+        and then reuse them; only rank 0 talks. A resume encodes with the checkpoint's tokenizer, trains on the
+        tokens it was trained on when its corpus is gone, and says so when the corpus has changed."""
         cfg = self.cfg
         tokenizer = cfg.tokenizer
         if state is not None and tokenizer in (None, resume_config.get("train", {}).get("tokenizer")):
@@ -288,11 +288,15 @@ class _Run:
                 self.say(f"note: the corpus cannot be read ({str(gone).split(';')[0]}); resuming on the tokens "
                          f"prepared from it in {cached.dir}")
                 return cached
-        return prepare_data(cfg.data, data_dir, dataset=cfg.dataset,
+        data = prepare_data(cfg.data, data_dir, dataset=cfg.dataset,
                             dataset_config=cfg.dataset_config, text_field=cfg.text_field, errors=cfg.errors,
                             tokenizer=tokenizer, vocab_size=cfg.vocab_size, pattern=cfg.pattern,
                             val_fraction=cfg.val_fraction, max_bytes=cfg.max_bytes, progress=cfg.progress,
                             verbose=self.world.main)
+        changed = state.data_change(data) if state is not None else None
+        if changed:
+            self.say(changed)
+        return data
 
     def _check_data_size(self) -> None:
         cfg, T = self.cfg, self.model_config.block_size
@@ -314,10 +318,18 @@ class _Run:
                             rank=loader_rank(self.world.rank, m, cfg.grad_accum), world_size=shards)
                 for m in range(cfg.grad_accum)]
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step, over all processes."""
+        cfg = self.cfg
+        return cfg.batch_size * self.model_config.block_size * cfg.grad_accum * self.world.world_size
+
     def _announce(self) -> None:
-        cfg, c = self.cfg, self.model_config
-        tokens_per_step = cfg.batch_size * c.block_size * cfg.grad_accum * self.world.world_size
+        cfg, c, tokens_per_step = self.cfg, self.model_config, self.tokens_per_step
         flops = self.model.flops_per_token(c.block_size)
+        precision = PRECISIONS[self.amp_dtype] + ("" if self.amp_dtype is None else " autocast")
+        if self.scaler.is_enabled():
+            precision += " with loss scaling"
         self.say(
             f"model: {self.model.num_parameters() / 1e6:.2f}M parameters "
             f"({self.model.num_parameters(non_embedding=True) / 1e6:.2f}M non-embedding), "
@@ -328,7 +340,7 @@ class _Run:
             f"x {c.block_size} x grad_accum {cfg.grad_accum} x {self.world.world_size} process(es))\n"
             f"data: {len(self.data.train_tokens):,} train / {len(self.data.val_tokens):,} val tokens, "
             f"vocabulary {self.tokenizer.vocab_size}\n"
-            f"device: {self.device}, {_precision(self.amp_dtype)}, {self.model.attention} attention"
+            f"device: {self.device}, {precision}, {self.model.attention} attention"
             f"{', compiled' if cfg.compile else ''}, {self.world.world_size} process(es)\n{self.peak.reason}")
 
     def say(self, message: str) -> None:
@@ -338,7 +350,7 @@ class _Run:
     # --------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
         cfg, schedule = self.cfg, self.schedule  # schedule.max_iters: a time budget fixes it after the first steps
-        tokens_per_step = cfg.batch_size * self.model_config.block_size * cfg.grad_accum * self.world.world_size
+        tokens_per_step = self.tokens_per_step
         bar = tqdm(total=schedule.max_iters, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.world.main))
         first_step = self.step
@@ -410,7 +422,9 @@ class _Run:
         """--max-time, before the first step: guess the step time from the evaluation just made, and say now what
         the budget will do. A budget shorter than the measuring phase (the steps that are timed, an evaluation
         and a save) cannot be kept: warn. A warmup as long as the steps there is time for would never end: shorten
-        it now, so that the steps it covers are those of the shortened warmup."""
+        it now, so that the steps it covers are those of the shortened warmup; but not with --compile, whose
+        compilation is in that evaluation's time (a guess many times too long: a warmup of 100 was cut to 8 where
+        the timed steps left room for 266), and the measured plan (_fix_step_count) shortens it if need be."""
         cfg, schedule = self.cfg, self.schedule
         batch_s = self.world.from_main(self.eval_batch_s or 0.0, self.device)  # rank 0 evaluated: its numbers
         step_s, eval_s = STEP_COST_IN_EVAL_BATCHES * cfg.grad_accum * batch_s, 2 * cfg.eval_iters * batch_s
@@ -418,11 +432,12 @@ class _Run:
         if measuring > self.budget.seconds:
             self.say(f"warning: --max-time {cfg.max_time} is shorter than the first {SKIP_STEPS + MEASURE_STEPS} "
                      f"steps, an evaluation and a save, which the run times before it fixes its step count: about "
-                     f"{format_duration(measuring)} here (guessed from the first evaluation). It will run over its "
+                     f"{format_duration(measuring)} here (guessed from the first evaluation"
+                     f"{', its compilation included' if cfg.compile else ''}). It will run over its "
                      f"budget; give a longer --max-time, or --max-iters N")
         expected = plan_steps(self.budget.seconds, self.budget.elapsed(), 0, max(step_s, 1e-9), eval_s,
                               cfg.eval_interval)
-        if schedule.warmup_iters >= expected:
+        if schedule.warmup_iters >= expected and not cfg.compile:
             schedule.warmup_iters = expected // 10
             self.say(f"time budget {cfg.max_time}: about {expected} step{'s' * (expected != 1)} expected (guessed "
                      f"from the first evaluation), no more than --warmup-iters {cfg.warmup_iters}: the warmup is "
@@ -595,7 +610,7 @@ class _Run:
         settings.update(max_iters=self.schedule.max_iters, warmup_iters=self.schedule.warmup_iters)
         for name in PATH_FIELDS:
             value = settings[name]
-            if value is not None and (name != "init_from" or Path(value).exists()):  # else a hub name
+            if value is not None and (name not in HUB_NAME_FIELDS or Path(value).exists()):  # else a hub name
                 settings[name] = os.path.abspath(value)
         return settings
 
@@ -609,12 +624,6 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def _precision(amp_dtype: torch.dtype | None) -> str:
-    if amp_dtype is None:
-        return "float32"
-    return "float16 autocast with loss scaling" if amp_dtype == torch.float16 else "bfloat16 autocast"
 
 
 def loader_rank(rank: int, micro_step: int, grad_accum: int) -> int:

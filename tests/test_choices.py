@@ -174,6 +174,23 @@ def test_a_bad_line_is_named_by_its_number(tmp_path, line, message):
         read_items(path)
 
 
+def test_an_empty_context_without_an_end_of_text_token_is_refused_by_its_line(tok, tmp_path):
+    """Without <|endoftext|> to begin it, an empty context leaves a one-token choice nothing to be scored on: a
+    score of 0 that beats every real log-likelihood. With it, the item is scored from that token."""
+    no_eot = Tokenizer.train(tok.decode(list(range(256, 299))) * 20, vocab_size=280, special_tokens=[], progress=False)
+    assert no_eot.eot_id is None
+    path = tmp_path / "items.jsonl"
+    path.write_text(json.dumps({"context": "the cat", "choices": ["sees", "eats"], "label": 0}) + "\n"
+                    + json.dumps({"context": "", "choices": ["a", "the dog"], "label": 1}) + "\n")
+    with pytest.raises(MinigptError, match=f"^{path} line 2: the context is empty, and the tokenizer has no "
+                                           f"end-of-text token"):
+        ChoiceSet(read_items(path), no_eot, BLOCK)
+    with pytest.raises(MinigptError, match="^item 1: the context is empty"):
+        ChoiceSet([Item("", ("a", "b"), 0)], no_eot, BLOCK)
+    rows = ChoiceSet(read_items(path), tok, BLOCK).rows
+    assert rows[2].tokens[0] == tok.eot_id and rows[2].first == 1  # "a" is scored, after the end-of-text token
+
+
 def test_bad_files_are_one_line_errors_from_the_cli(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -1,12 +1,14 @@
 """The presets in configs/ are what `train.py --config` reads: every key is a known setting, flags still override
-them, and each trains."""
+them, and each trains, made tiny by flags, with the rest of its settings as it has them."""
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 import train as train_cli
-from minigpt.config import CHOICES, TrainConfig
+from minigpt.checkpoint import read_config
+from minigpt.config import GPTConfig, TrainConfig
 from minigpt.trainer import train
 
 from helpers import records, write_corpus
@@ -39,36 +41,31 @@ def test_a_preset_loads_and_changes_only_what_it_names(preset, tmp_path):
     assert not repeated, f"{preset.name} repeats defaults: {repeated}"
 
 
-# A tiny run, here: every size (shape, context, batch, steps), the corpus and the tokenizer; a preset's own values
-# of these, whatever they are (12 heads, context 1024, a hub tokenizer or dataset, its tokens per step), are left out.
-TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=300, batch_size=4, total_batch_tokens=128,
-            max_iters=4, warmup_iters=1, eval_interval=4, eval_iters=1, log_interval=1)
-
-
-def switches(settings: dict) -> dict:
-    """The settings that choose what is trained, and how: choices and on/off settings other than the machine's."""
-    return {k: v for k, v in settings.items() if (k in CHOICES or isinstance(v, bool))
-            and k not in train_cli.MACHINE_SETTINGS}
+def tiny_flags(tmp_path: Path) -> list[str]:
+    """Flags that make any preset a tiny run here: they override every size (shape, context, vocabulary, batch and
+    its tokens, steps, evaluation), the data (a corpus, no dataset), the tokenizer (one trained on it) and the
+    device; the preset's other settings (learning rate, betas, warmup, val_fraction, log_interval, its switches)
+    are trained as the preset has them."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    return ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--vocab-size", "300",
+            "--batch-size", "4", "--total-batch-tokens", "128", "--max-iters", "4", "--eval-interval", "4",
+            "--eval-iters", "1", "--data", str(corpus), "--dataset", "", "--dataset-config", "", "--tokenizer", "",
+            "--data-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"), "--device", "cpu",
+            "--no-progress"]
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_a_preset_trains(preset, tmp_path):
-    """Each preset's switches train, at the tiny size (a preset of any size can be tested here)."""
-    corpus = write_corpus(tmp_path / "corpus.txt", sentences=300)
-    preset_switches = switches(train_cli.read_config_file(str(preset)))
-    tiny = tmp_path / "tiny.json"
-    tiny.write_text(json.dumps({**preset_switches, **TINY, "data": str(corpus), "data_dir": str(tmp_path / "cache"),
-                                "out_dir": str(tmp_path / "out"), "progress": False, "device": "cpu"}))
-    cfg = train_cli.make_config(["--config", str(tiny)])
-    assert {k: setting(cfg, k) for k in preset_switches} == preset_switches
+def test_a_preset_trains_with_flags_that_make_it_tiny(preset, tmp_path):
+    """`--config PRESET` and flags over it, as a user runs it: what the flags do not override is what trains."""
+    flags = tiny_flags(tmp_path)
+    overridden = set(vars(train_cli.build_parser().parse_args(flags)))
+    kept = {k: v for k, v in train_cli.read_config_file(str(preset)).items() if k not in overridden}
+    cfg = train_cli.make_config(["--config", str(preset), *flags])
+    assert (cfg.dataset, cfg.dataset_config, cfg.tokenizer, cfg.model.n_layer) == (None, None, None, 1)
+    assert {k: setting(cfg, k) for k in kept} == kept
     out = train(cfg)
     assert records(out, "eval")[-1]["step"] == 4
+    saved = read_config(out)  # what the run trained with
+    model_fields = {f.name for f in fields(GPTConfig)}
+    assert {k: saved["model" if k in model_fields else "train"][k] for k in kept} == kept
     assert json.loads((out / "train_state.json").read_text())["grad_accum"] == 2  # 128 tokens / (4 x 16)
-
-
-def test_the_tiny_run_overrides_every_size_of_a_large_preset(tmp_path):
-    """A preset the size of GPT-2 124M (12 heads, context 1024, a hub tokenizer and dataset) becomes tiny."""
-    large = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "positions": "learned",
-             "tokenizer": "gpt2", "dataset": "HuggingFaceFW/fineweb-edu", "batch_size": 64, "grad_accum": 8,
-             "max_iters": 19073, "lr": 6e-4, "tie_weights": True, "compile": True}
-    assert switches(large) == {"positions": "learned", "tie_weights": True}

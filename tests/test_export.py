@@ -64,6 +64,10 @@ ARCHITECTURES = {
     "LlamaForCausalLM": dict(positions={"rope"}, norm={"rmsnorm"}, mlp={"swiglu"}, qk_norm={False}, bias={False}),
     "Qwen3ForCausalLM": dict(positions={"rope"}, norm={"rmsnorm"}, mlp={"swiglu"}, qk_norm={True}, bias={False}),
 }
+# The longest input each declares: GPT-2 its position table, MPT any length (ALiBi runs beyond the training
+# context), Llama and Qwen3 the training context (RoPE does not extrapolate; vLLM and llama.cpp serve this much).
+DECLARED = {"GPT2LMHeadModel": {"n_positions": BLOCK}, "MptForCausalLM": {"max_seq_len": 65536},
+            "LlamaForCausalLM": {"max_position_embeddings": BLOCK}, "Qwen3ForCausalLM": {"max_position_embeddings": BLOCK}}
 # The flags that set each value (the tanh GELU is two: the gelu MLP, with the tanh activation)
 FLAGS = {("norm", "layernorm"): ["--norm layernorm"], ("norm", "rmsnorm"): ["--norm rmsnorm"],
          ("mlp", "gelu"): ["--mlp gelu"], ("mlp", "relu2"): ["--mlp relu2"], ("mlp", "swiglu"): ["--mlp swiglu"],
@@ -97,7 +101,11 @@ def test_every_combination_exports_exactly_or_is_refused_in_one_line(tok, tmp_pa
         save_hf_folder(model, tok, folder)
         theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
         assert type(theirs).__name__ == architecture, shape
-        # positions that take any length are exact beyond the training context too (the config must not cut it)
+        config = json.loads((folder / "config.json").read_text())
+        assert {k: config[k] for k in ("n_positions", "max_seq_len", "max_position_embeddings") if k in config} == \
+            DECLARED[architecture], shape
+        # positions that take any length are exact beyond the training context too (transformers does not cut them
+        # at the declared length)
         length = BLOCK if positions in ("learned", "sinusoidal") else 3 * BLOCK
         idx = torch.randint(0, tok.vocab_size, (2, length), generator=torch.Generator().manual_seed(len(exported)))
         with torch.no_grad():
@@ -139,7 +147,7 @@ def test_export_loads_in_transformers_with_our_logits_and_ids(tok, tmp_path, sha
     idx = torch.tensor([ids[:BLOCK]])
     with torch.no_grad():
         assert (theirs(idx).logits - ours(idx)[0]).abs().max() <= 1e-4
-    if architecture != "GPT2LMHeadModel":  # ALiBi and RoPE take any length, and so must the export
+    if architecture != "GPT2LMHeadModel":  # ALiBi and RoPE compute any length, and so does the export
         prompt = idx[:, :4]
         expected = theirs.generate(prompt, max_new_tokens=3 * BLOCK, do_sample=False, pad_token_id=0,
                                    eos_token_id=None)

@@ -12,6 +12,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 import train as train_cli
 from minigpt import GPT, ConfigError
+from minigpt import hf
+from minigpt.checkpoint import read_config
 from minigpt.config import TrainConfig, with_batch_tokens
 from minigpt.hf import open_tokenizer
 from minigpt.optim import lr_at
@@ -66,6 +68,19 @@ def test_bad_batch_tokens_are_one_line_errors_from_the_cli(tmp_path):
     assert not (tmp_path / "out" / "data").exists() or not any((tmp_path / "out" / "data").iterdir())
 
 
+def test_grad_accum_from_a_config_file_contradicts_total_batch_tokens_too(tmp_path):
+    """Not only a --grad-accum flag: a file's grad_accum would be dropped without a word (grad_accum follows from
+    total_batch_tokens), so it is refused wherever each of the two comes from."""
+    both = tmp_path / "both.toml"
+    both.write_text("grad_accum = 4\ntotal_batch_tokens = 2048\nbatch_size = 16\n")
+    with pytest.raises(ConfigError, match=r"^--grad-accum 4 \(in .*both.toml\) contradicts --total-batch-tokens 2048"):
+        train_cli.make_config(["--config", str(both)])
+    accum = tmp_path / "accum.json"
+    accum.write_text(json.dumps({"grad_accum": 4}))
+    with pytest.raises(ConfigError, match=r"--grad-accum 4 \(in .*accum.json\) contradicts --total-batch-tokens 2048"):
+        train_cli.make_config(["--config", str(accum), "--total-batch-tokens", "2048"])
+
+
 def test_a_run_steps_the_tokens_it_was_asked_for(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.txt", sentences=300)
     cfg = tiny_config(corpus, tmp_path / "cache", tmp_path / "out", batch_size=2, total_batch_tokens=2 * 16 * 3,
@@ -74,6 +89,10 @@ def test_a_run_steps_the_tokens_it_was_asked_for(tmp_path, capsys):
     assert "96 tokens (2 x 16 x grad_accum 3 x 1 process(es))" in capsys.readouterr().out
     assert json.loads((out / "train_state.json").read_text())["grad_accum"] == 3
     assert records(out, "train")[-1]["step"] == 2
+    # its config.json records the grad_accum derived beside total_batch_tokens: a new run from it, and a resume
+    again = train_cli.make_config(["--config", str(out / "config.json"), "--out-dir", str(tmp_path / "again")])
+    resumed = train_cli.make_config(["--resume", "--out-dir", str(out), "--max-iters", "4"])
+    assert [with_batch_tokens(c, 1).grad_accum for c in (again, resumed)] == [3, 3]
 
 
 # ------------------------------------------------------------------------------------------------- --tokenizer
@@ -122,6 +141,30 @@ def test_a_hub_name_without_network_says_what_to_do(tmp_path):
                              "--out-dir", str(tmp_path / "out"), "--device", "cpu"],
                             capture_output=True, text=True, env=env, timeout=120)
     one_line_error(result, "--tokenizer", "openai-community/gpt2", "no network")
+
+
+def test_a_hub_tokenizer_is_saved_by_its_name(hf_folder, tmp_path, monkeypatch):
+    """--tokenizer gpt2 (a hub name, as the preset has it) stays "gpt2" in config.json, not <cwd>/gpt2: a new run
+    from that config.json finds it, and a resume that names it again takes the checkpoint's tokenizer without
+    asking the hub. (The hub is the local folder here: its download is the one thing faked.)"""
+    downloads = []
+
+    def from_the_hub(name, patterns=hf.HUB_FILES):
+        downloads.append(str(name))
+        return hf_folder
+
+    monkeypatch.setattr(hf, "resolve", from_the_hub)
+    monkeypatch.chdir(tmp_path)  # no folder named gpt2 here
+    corpus = write_corpus(tmp_path / "corpus.txt", sentences=300)
+    out = train(tiny_config(corpus, tmp_path / "cache", tmp_path / "out", tokenizer="gpt2", max_iters=2,
+                            eval_interval=2, eval_iters=1))
+    assert read_config(out)["train"]["tokenizer"] == "gpt2" and downloads == ["gpt2"]
+    again = train_cli.make_config(["--config", str(out / "config.json"), "--out-dir", str(tmp_path / "again")])
+    assert again.tokenizer == "gpt2"
+    assert read_config(train(again))["tokenizer_checksum"] == read_config(out)["tokenizer_checksum"]
+    downloads.clear()
+    train(train_cli.make_config(["--resume", "--out-dir", str(out), "--tokenizer", "gpt2", "--max-iters", "4"]))
+    assert read_config(out)["step"] == 4 and downloads == []  # the same setting: the checkpoint's own tokenizer
 
 
 # ----------------------------------------------------------------------------------------------- --prepare-only

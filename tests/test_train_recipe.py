@@ -283,6 +283,30 @@ def test_a_budget_shortens_a_long_warmup_before_training(tmp_path, corpus, capsy
     assert ("shortened" in plan_line) == (final != warmup)  # the plan says only what it changed itself
 
 
+def test_with_compile_the_warmup_is_shortened_by_the_measured_plan_only(tmp_path, corpus, monkeypatch, capsys):
+    """--compile's compilation is in the step-0 evaluation's time: a guess from it would cut a warmup that the
+    measured steps have room for. Here the evaluation is made slow as a compilation makes it (torch.compile itself
+    is left out: what is tested is what the budget does with the slow evaluation)."""
+    evaluate, calls = trainer.evaluate_loss, []
+
+    def compiling_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate_loss", compiling_first)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    out = train(tiny_config(*corpus, tmp_path / "out", max_time="3s", eval_interval=1000, eval_iters=1,
+                            warmup_iters=20, compile=True))
+    said = capsys.readouterr().out
+    assert "(guessed from the first evaluation, its compilation included)" in said  # the warning is kept
+    assert "the warmup is shortened" not in said and "shortened to" not in said, said
+    (plan,) = records(out, "plan")
+    assert plan["max_iters"] > 20 and plan["warmup_iters"] == 20  # room for the whole warmup, and it is kept
+    assert records(out, "train")[0]["lr"] == pytest.approx(3e-3 / 20)
+
+
 @pytest.mark.parametrize("budget, message", [("0.5s", "max_time 0.5s is too short to plan a run in"),
                                              ("-5s", "max_time must be a positive duration")])
 def test_budgets_that_cannot_be_kept_are_refused_in_one_line(budget, message):

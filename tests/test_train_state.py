@@ -124,6 +124,30 @@ def test_resume_from_another_working_folder_and_without_the_corpus(tmp_path, cor
     assert [r["loss"] for r in records(straight, "train")] == [r["loss"] for r in records(Path(run), "train")]
 
 
+def test_a_resume_on_a_changed_corpus_says_what_changed(tmp_path, corpus, capsys):
+    """The corpus grew after the checkpoint: the resume goes on with the new tokens (as nanoGPT's does with
+    whatever train.bin holds), and says so: its batches and its validation split are new. A resume on the same
+    corpus, also one whose tokens are prepared again in a new cache, says nothing."""
+    data = tmp_path / "corpus.txt"
+    shutil.copy(corpus[0], data)
+    out = train(tiny_config(data, tmp_path / "cache", tmp_path / "run", max_iters=4, eval_interval=2))
+    train(tiny_config(data, tmp_path / "other-cache", out, max_iters=6, eval_interval=2, resume=True))
+    assert "changed since the checkpoint" not in capsys.readouterr().out
+    old_val = len(TrainState.read(out).prepared_tokens(read_config(out)["tokenizer_checksum"], out).val_tokens)
+    with open(data, "a", encoding="utf-8") as f:
+        f.write(write_corpus(tmp_path / "more.txt", sentences=500, seed=1).read_text())
+    train(tiny_config(data, tmp_path / "other-cache", out, max_iters=8, eval_interval=2, resume=True))
+    said = capsys.readouterr().out
+    note = re.search(r"note: the corpus or the data settings changed since the checkpoint, which trained on "
+                     r"\S+/other-cache/corpus-\S+ \(([\d,]+) train \+ ([\d,]+) val tokens\); this run goes on with "
+                     r"the tokens prepared now in \S+/other-cache/corpus-\S+ \(([\d,]+) \+ ([\d,]+)\), and its "
+                     r"validation split is new: losses from here are not comparable with the earlier evaluations", said)
+    assert note, said
+    before_train, before_val, now_train, now_val = (int(n.replace(",", "")) for n in note.groups())
+    assert before_val == old_val and now_train > before_train and now_val > before_val
+    assert read_config(out)["step"] == 8
+
+
 def test_without_its_corpus_or_prepared_tokens_a_resume_says_what_is_missing(tmp_path, corpus):
     data = tmp_path / "corpus.txt"
     shutil.copy(corpus[0], data)
