@@ -158,6 +158,25 @@ def test_unknown_tokens_raise_key_errors_as_in_tiktoken(ours, reference, small):
         no_eot.eot_token
 
 
+@pytest.mark.parametrize("value", [1, 3, None, [104, 105], 1.5])
+def test_bytes_methods_refuse_what_is_not_bytes_as_tiktoken_does(ours, reference, value):
+    # bytes(3) would be b"\0\0\0": an int must not pass for bytes
+    for method in ("encode_single_token", "_encode_bytes"):
+        with pytest.raises(TypeError):
+            getattr(reference, method)(value)
+        with pytest.raises(TypeError, match=f"takes .*bytes, not {type(value).__name__}"):
+            getattr(ours, method)(value)
+    with pytest.raises(TypeError):  # text is not bytes here (it is in encode_single_token)
+        reference._encode_bytes("hi")
+    with pytest.raises(TypeError, match="takes bytes, not str"):
+        ours.encode_bytes("hi")
+    # other bytes-like objects are read as their bytes (tiktoken takes bytes only)
+    data = "héllo 😀".encode("utf-8")
+    for like in (bytearray(data), memoryview(data)):
+        assert ours.encode_bytes(like) == reference._encode_bytes(data)
+    assert ours.encode_single_token(bytearray(b"hello")) == reference.encode_single_token(b"hello")
+
+
 def test_bad_special_arguments_are_clear_errors(ours):
     with pytest.raises(TokenizerError, match="allowed_special must be"):
         ours.encode("x", allowed_special="<|endoftext|>")
