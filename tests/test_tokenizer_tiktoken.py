@@ -252,10 +252,22 @@ def test_names(small, tmp_path):
     small.save(tmp_path / "my_tok.json")
     assert Tokenizer.load(tmp_path / "my_tok.json").name == "my_tok"
     assert Tokenizer.load(tmp_path / "my_tok.json", name="other").name == "other"
-    (tmp_path / "hf").mkdir()
-    small.save_huggingface(tmp_path / "hf" / "tokenizer.json")
-    assert Tokenizer.from_huggingface(tmp_path / "hf").name == "hf"
-    assert Tokenizer.from_huggingface(tmp_path / "hf" / "tokenizer.json").name == "tokenizer"
+    # a tokenizer.json or vocab.json is named after its folder (a model's, a checkpoint's), not "tokenizer"
+    for folder in ("hf", "hub/models--gpt2/snapshots/0123abc", "hub/models--openai-community--gpt2/snapshots/4567"):
+        (tmp_path / folder).mkdir(parents=True)
+        small.save_huggingface(tmp_path / folder / "tokenizer.json")
+    (tmp_path / "ckpt").mkdir()
+    small.save(tmp_path / "ckpt" / "tokenizer.json")
+    assert Tokenizer.load(tmp_path / "ckpt" / "tokenizer.json").name == "ckpt"
+    for load in (Tokenizer.load, Tokenizer.from_huggingface):
+        assert load(tmp_path / "hf").name == load(tmp_path / "hf" / "tokenizer.json").name == "hf"
+        assert load(tmp_path / "ckpt").name == "ckpt"
+        # the hub's cache, where --tokenizer gpt2 leads: the model's name, not the commit's
+        snapshot = tmp_path / "hub/models--gpt2/snapshots/0123abc"
+        assert load(snapshot).name == load(snapshot / "tokenizer.json").name == "gpt2"
+        assert load(tmp_path / "hub/models--openai-community--gpt2/snapshots/4567").name == "openai-community/gpt2"
+    (tmp_path / "link").symlink_to(snapshot)  # e.g. a folder linked to the cache: where it leads
+    assert Tokenizer.load(tmp_path / "link").name == "gpt2"
 
 
 def nanogpt_prepare(enc, split_dataset, out_dir: Path, num_proc: int) -> None:

@@ -109,8 +109,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], *, name: str | None = None) -> "Tokenizer":
-        """Load our versioned JSON file (see :mod:`tokenizer.formats`), or a Hugging Face ``tokenizer.json`` as
-        :meth:`from_huggingface` reads it. ``name`` defaults to the file's stem."""
+        """Load a tokenizer file or folder, whatever its kind: the one loader that every command uses.
+
+        A folder (a minigpt checkpoint, a Hugging Face model) or a ``vocab.json`` is read by
+        :meth:`from_huggingface`; any other file is our versioned JSON (see :mod:`tokenizer.formats`) or a Hugging
+        Face ``tokenizer.json``, and a tiktoken rank file is explained. ``name`` defaults to one made from the path
+        (:func:`tokenizer.formats.default_name`)."""
+        path = Path(path)
+        if path.is_dir() or path.name == formats.HF_VOCAB_FILE:
+            return formats.load_huggingface(path, name)
         return formats.load_json(path, name)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -122,7 +129,7 @@ class Tokenizer:
                       special_tokens: dict[str, int] | None = None, *, name: str | None = None) -> "Tokenizer":
         """Import a tiktoken rank file (``base64-token rank`` per line), e.g. ``cl100k_base.tiktoken``.
         ``name`` defaults to the file's stem."""
-        return cls(formats.read_tiktoken(path), pattern, special_tokens, name=name or Path(path).stem)
+        return cls(formats.read_tiktoken(path), pattern, special_tokens, name=name or formats.default_name(path))
 
     def save_tiktoken(self, path: Union[str, os.PathLike]) -> None:
         """Export the mergeable ranks as a tiktoken rank file (special tokens are not part of that format)."""
@@ -133,7 +140,7 @@ class Tokenizer:
         """Import a Hugging Face byte-level BPE tokenizer (GPT-2's and its family's): a folder, its
         ``tokenizer.json``, or its ``vocab.json`` (with ``merges.txt`` beside it). Gives the ids ``tokenizers``
         gives; see :func:`tokenizer.formats.load_huggingface`. A minigpt checkpoint folder or our own
-        ``tokenizer.json`` is read too. ``name`` defaults to the folder's name or the file's stem."""
+        ``tokenizer.json`` is read too. ``name`` defaults to the model's name (:func:`tokenizer.formats.default_name`)."""
         return formats.load_huggingface(path, name)
 
     def save_huggingface(self, path: Union[str, os.PathLike]) -> None:
@@ -211,8 +218,9 @@ class Tokenizer:
 
     @property
     def name(self) -> str:
-        """tiktoken's encoding name: given at construction or load, by default the file's stem; a tokenizer made in
-        memory is called ``minigpt-`` + the start of its checksum. Not stored in our file."""
+        """tiktoken's encoding name: given at construction or load, by default made from the path it was loaded from
+        (:func:`tokenizer.formats.default_name`); a tokenizer made in memory is called ``minigpt-`` + the start of
+        its checksum. Not stored in our file."""
         return self._name if self._name is not None else f"minigpt-{self.checksum[:12]}"
 
     @name.setter
