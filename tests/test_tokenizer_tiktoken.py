@@ -27,7 +27,9 @@ TEXTS = [
     "<|endoftext|><|endoftext|>", "<|endoftext", "x<|endofprompt|>", "\ud800 lone \udfff surrogates \ud83d\ude00",
 ]
 ALLOWED = [set(), "all", {"<|endoftext|>"}, {"<|fim_prefix|>", "<|fim_suffix|>"}, {"<|nope|>"}]
-DISALLOWED = ["all", (), {"<|endoftext|>"}, {"<|fim_middle|>", "<|endofprompt|>"}, set(SPECIALS)]
+# tiktoken refuses any string named in disallowed_special, a special token or not ("x" is in several TEXTS)
+DISALLOWED = ["all", (), {"<|endoftext|>"}, {"<|fim_middle|>", "<|endofprompt|>"}, set(SPECIALS), {"x"},
+              {"<|nope|>", "|>"}]
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,13 @@ def test_batch_methods_equal_tiktokens(ours, reference):
                                                      num_threads=2)) == \
                 outcome(lambda: reference.encode_batch(TEXTS, allowed_special=allowed,
                                                        disallowed_special=disallowed, num_threads=2))
+    # in worker processes: num_proc asks for them (a batch this small would stay in this process); one refused text
+    # raises in a worker and here
+    assert ours.encode_ordinary_batch(TEXTS, num_proc=2) == reference.encode_ordinary_batch(TEXTS)
+    for allowed, disallowed in [("all", "all"), ({"<|endoftext|>"}, {"x"})]:
+        assert outcome(lambda: ours.encode_batch(TEXTS, num_proc=2, allowed_special=allowed,
+                                                 disallowed_special=disallowed)) == \
+            outcome(lambda: reference.encode_batch(TEXTS, allowed_special=allowed, disallowed_special=disallowed))
     batch = reference.encode_batch(TEXTS, allowed_special="all") + [reference.encode("a😀")[:2]]  # a cut character
     assert ours.decode_batch(batch) == reference.decode_batch(batch)
     assert ours.decode_batch(batch, errors="ignore", num_threads=3) == reference.decode_batch(batch, errors="ignore")
@@ -218,7 +227,7 @@ SPECIAL_TEXT = st.lists(KNOWN_TEXT
 @settings(max_examples=300, deadline=None)
 @given(parts=SPECIAL_TEXT,
        allowed=st.just("all") | st.sets(st.sampled_from(sorted(SPECIALS) + ["<|nope|>"])),
-       disallowed=st.just("all") | st.just(()) | st.sets(st.sampled_from(sorted(SPECIALS))))
+       disallowed=st.just("all") | st.just(()) | st.sets(st.sampled_from(sorted(SPECIALS) + ["<|nope|>", "|>", "x"])))
 def test_special_token_handling_equals_tiktoken(ours, reference, parts, allowed, disallowed):
     text = "".join(parts)
     mine = outcome(lambda: ours.encode(text, allowed_special=allowed, disallowed_special=disallowed))

@@ -140,7 +140,8 @@ class Tokenizer:
         """Import a Hugging Face byte-level BPE tokenizer (GPT-2's and its family's): a folder, its
         ``tokenizer.json``, or its ``vocab.json`` (with ``merges.txt`` beside it). Gives the ids ``tokenizers``
         gives; see :func:`tokenizer.formats.load_huggingface`. A minigpt checkpoint folder or our own
-        ``tokenizer.json`` is read too. ``name`` defaults to the model's name (:func:`tokenizer.formats.default_name`)."""
+        ``tokenizer.json`` is read too. ``name`` defaults to the model's name
+        (:func:`tokenizer.formats.default_name`)."""
         return formats.load_huggingface(path, name)
 
     def save_huggingface(self, path: Union[str, os.PathLike]) -> None:
