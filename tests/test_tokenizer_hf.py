@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from tests.helpers import gpt2_style_tokenizer
 from tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError
+
+from helpers import gpt2_style_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
