@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from data.prepare import _capped, _chunk, _encode_docs, _split  # noqa: E402
 from data.sources import open_source  # noqa: E402
 from minigpt.hf import open_tokenizer  # noqa: E402
+from proctree import tree_pss  # noqa: E402  (bench/, beside this script)
 from tokenizer import GPT4_PATTERN, Tokenizer  # noqa: E402
 
 
@@ -43,22 +44,6 @@ def cl100k(folder: Path) -> str:
     return str(path)
 
 
-def tree_pss_kib(pid: int) -> int:
-    """Proportional set size of a process and its descendants: shared pages (a forked worker's copy of the
-    parent) counted once in all."""
-    todo, total = [pid], 0
-    while todo:
-        p = todo.pop()
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
-            total += next(int(line.split()[1]) for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
-                          if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            pass
-    return total
-
-
 def whole_run(args, tokenizer: str, workdir: Path) -> None:
     command = [sys.executable, str(ROOT / "train.py"), "--prepare-only", "--no-progress", "--tokenizer", tokenizer,
                "--out-dir", str(workdir / "out")]
@@ -67,14 +52,16 @@ def whole_run(args, tokenizer: str, workdir: Path) -> None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     before = os.times()
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    peak, samples = 0, []
-    while proc.poll() is None:
-        pss = tree_pss_kib(proc.pid)
-        peak = max(peak, pss)
-        samples.append((time.perf_counter() - started, pss))
-        time.sleep(0.5)
-    output = proc.stdout.read()
+    with open(workdir / "prepare.out", "w+", encoding="utf-8") as log:  # a file: a full pipe would stop the child
+        proc = subprocess.Popen(command, stdout=log, text=True)
+        peak, samples = 0, []
+        while proc.poll() is None:
+            pss = tree_pss(proc.pid)
+            peak = max(peak, pss)
+            samples.append((time.perf_counter() - started, pss))
+            time.sleep(0.5)
+        log.seek(0)
+        output = log.read()
     after = os.times()
     if proc.returncode:
         sys.exit(f"train.py --prepare-only failed:\n{output}")
@@ -83,8 +70,8 @@ def whole_run(args, tokenizer: str, workdir: Path) -> None:
     print(f"CPU time: {after.children_user - before.children_user:.0f} s user + "
           f"{after.children_system - before.children_system:.0f} s system, {time.perf_counter() - started:.0f} s "
           f"wall, {os.cpu_count()} cores")
-    trace = ", ".join(f"{t:.0f}s {kib / 1024:.0f}" for t, kib in samples[::max(1, len(samples) // 10)])
-    print(f"memory (PSS of the process tree): peak {peak / 1024:.0f} MiB; over time (MiB): {trace}")
+    trace = ", ".join(f"{t:.0f}s {pss / 2**20:.0f}" for t, pss in samples[::max(1, len(samples) // 10)])
+    print(f"memory (PSS of the process tree): peak {peak / 2**20:.0f} MiB; over time (MiB): {trace}")
 
 
 def per_cpu_second(args, tokenizer: str) -> None:

@@ -47,6 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from proctree import tree_rss  # noqa: E402  (bench/, beside this script)
+
 TRAINERS = ("minigpt", "tokenizers", "rustbpe")
 SEPARATOR = "\0"
 WORD = re.compile(r"([A-Za-z]{3,})")
@@ -136,37 +138,6 @@ def train_in_this_process(name: str, corpus: Path, vocab_size: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------- measuring (the parent)
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def tree_rss(root: int) -> int:
-    """Summed resident bytes of process ``root`` and all of its descendants, read from /proc."""
-    parent_of, rss = {}, 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-                parent_of[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
-            except (OSError, ValueError):
-                pass
-    tree = {root}
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in parent_of.items():
-            if ppid in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    for pid in tree:
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                rss += int(f.read().split()[1]) * PAGE
-        except (OSError, ValueError):
-            pass
-    return rss
-
 
 def run_trainer(name: str, corpus: Path, vocab_size: int) -> dict:
     """Run one trainer in a child process; return its seconds, tokens and the peak RSS of its process tree."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -197,6 +198,20 @@ def test_dtype_is_uint16_up_to_65536_ids_else_uint32(tmp_path, monkeypatch):
     assert wide.meta["dtype"] == "uint32" and wide.train_tokens.dtype == np.uint32
     assert (wide.dir / "train.bin").stat().st_size == 4 * len(wide.train_tokens)
     assert np.array_equal(wide.train_tokens, small.train_tokens)
+
+
+def test_says_its_throughput(tmp_path, capsys):
+    make_corpus(tmp_path / "corpus", 12)
+    prepared = prepare(tmp_path / "corpus", tmp_path / "cache")
+    said = capsys.readouterr().out
+    found = re.search(r"encoded ([\d.]+) MB in ([\d.]+) s by 1 process: ([\d.]+) MB/s, ([\d,]+) tokens/s\n", said)
+    assert found, said
+    megabytes, seconds, mb_per_s, tokens_per_s = float(found[1]), float(found[2]), float(found[3]), \
+        int(found[4].replace(",", ""))
+    n_bytes, tokens = sum(prepared.meta["bytes"].values()), sum(prepared.meta["tokens"].values())
+    assert megabytes == round(n_bytes / 1e6, 1) and seconds >= 0 and mb_per_s > 0
+    # both rates are of the same time: MB/s is the token rate times bytes per token (up to its printed rounding)
+    assert abs(tokens_per_s * n_bytes / tokens / 1e6 - mb_per_s) <= 0.005 + 1e-5
 
 
 def test_second_call_reuses_without_encoding(tmp_path, monkeypatch, capsys):

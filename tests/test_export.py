@@ -14,9 +14,10 @@ from minigpt import GPT, ConfigError, GPTConfig
 from minigpt.checkpoint import save_checkpoint
 from minigpt.export import EXPORT_MARKER, save_hf_folder
 from minigpt.export import main as export_main
-from tests.helpers import gpt2_style_tokenizer
-from tests.test_hf import TEXT, cli, one_line_error, reference
 from tokenizer import Tokenizer
+
+from helpers import gpt2_style_tokenizer
+from test_hf import TEXT, cli, one_line_error, reference
 
 BLOCK = 16
 

@@ -22,8 +22,9 @@ from minigpt.errors import run_cli
 from minigpt.export import main as export_main
 from minigpt.export import save_hf_folder
 from minigpt.quantize import quantize_int8
-from tests.helpers import gpt2_style_tokenizer, write_corpus
 from tokenizer import Tokenizer
+
+from helpers import gpt2_style_tokenizer, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "The cat sees a dog.\n\ndef f(x):\n    return x  # 😀 emoji, 你好,   spaces\t\ttabs\n" * 3

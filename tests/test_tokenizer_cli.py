@@ -173,8 +173,8 @@ def test_inputs_as_train_py_reads_them_folders_errors_and_home(workdir):
 
 
 def test_a_hugging_face_tokenizer_file_or_folder_is_read(workdir):
-    """-t takes a Hugging Face tokenizer.json (here one trained by `tokenizers`, <|endoftext|> = 0) or its folder,
-    and gives the ids `tokenizers` gives."""
+    """-t takes a Hugging Face tokenizer.json (here one trained by `tokenizers`, <|endoftext|> = 0), GPT-2's
+    vocab.json + merges.txt or their folder, and gives the ids `tokenizers` gives."""
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -183,9 +183,10 @@ def test_a_hugging_face_tokenizer_file_or_folder_is_read(workdir):
                            special_tokens=["<|endoftext|>"], show_progress=False)
     (workdir / "hf").mkdir(exist_ok=True)
     hf.save(str(workdir / "hf" / "tokenizer.json"))
+    hf.save_model(str(workdir / "hf"))  # vocab.json + merges.txt
     text = "def f(x):\n    return 'Grüße' 😀<|endoftext|>"
     expected = HFTokenizer.from_file(str(workdir / "hf" / "tokenizer.json")).encode(text).ids
-    for path in ("hf/tokenizer.json", "hf"):
+    for path in ("hf/tokenizer.json", "hf", "hf/vocab.json"):
         r = cli("encode", "-t", path, "--allowed-special", "all", text, cwd=workdir)
         assert r.returncode == 0, r.stderr
         assert [int(x) for x in r.stdout.split()] == expected

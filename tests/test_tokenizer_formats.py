@@ -80,8 +80,8 @@ def test_corrupt_and_future_files_are_refused(trained, tmp_path):
         Tokenizer.load(path)
     with pytest.raises(TokenizerError, match="does not exist"):
         Tokenizer.load(tmp_path / "missing.json")
-    with pytest.raises(TokenizerError, match="directory"):
-        Tokenizer.load(tmp_path)
+    with pytest.raises(TokenizerError, match="has no tokenizer.json and no vocab.json"):
+        Tokenizer.load(tmp_path)  # a folder is read as a checkpoint's or a Hugging Face model's
 
 
 def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):

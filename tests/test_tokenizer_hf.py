@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from tests.helpers import gpt2_style_tokenizer
 from tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError
+
+from helpers import gpt2_style_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -42,7 +43,10 @@ def texts() -> list[str]:
 @pytest.mark.parametrize("which", ["folder", "tokenizer.json", "vocab.json"])
 def test_ids_equal_tokenizers(hf_folder, which):
     reference = HFTokenizer.from_file(str(hf_folder / "tokenizer.json"))
-    ours = Tokenizer.from_huggingface(hf_folder if which == "folder" else hf_folder / which)
+    path = hf_folder if which == "folder" else hf_folder / which
+    ours = Tokenizer.from_huggingface(path)
+    assert Tokenizer.load(path) == ours  # the loader of every command reads each form
+    assert ours.name == Tokenizer.load(path).name == hf_folder.name  # the folder's name, never "vocab" or "tokenizer"
     assert ours.special_tokens == {"<|endoftext|>": reference.token_to_id("<|endoftext|>")}
     assert ours.pattern == GPT2_PATTERN
     for text in texts():

@@ -27,7 +27,9 @@ TEXTS = [
     "<|endoftext|><|endoftext|>", "<|endoftext", "x<|endofprompt|>", "\ud800 lone \udfff surrogates \ud83d\ude00",
 ]
 ALLOWED = [set(), "all", {"<|endoftext|>"}, {"<|fim_prefix|>", "<|fim_suffix|>"}, {"<|nope|>"}]
-DISALLOWED = ["all", (), {"<|endoftext|>"}, {"<|fim_middle|>", "<|endofprompt|>"}, set(SPECIALS)]
+# tiktoken refuses any string named in disallowed_special, a special token or not ("x" is in several TEXTS)
+DISALLOWED = ["all", (), {"<|endoftext|>"}, {"<|fim_middle|>", "<|endofprompt|>"}, set(SPECIALS), {"x"},
+              {"<|nope|>", "|>"}]
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,13 @@ def test_batch_methods_equal_tiktokens(ours, reference):
                                                      num_threads=2)) == \
                 outcome(lambda: reference.encode_batch(TEXTS, allowed_special=allowed,
                                                        disallowed_special=disallowed, num_threads=2))
+    # in worker processes: num_proc asks for them (a batch this small would stay in this process); one refused text
+    # raises in a worker and here
+    assert ours.encode_ordinary_batch(TEXTS, num_proc=2) == reference.encode_ordinary_batch(TEXTS)
+    for allowed, disallowed in [("all", "all"), ({"<|endoftext|>"}, {"x"})]:
+        assert outcome(lambda: ours.encode_batch(TEXTS, num_proc=2, allowed_special=allowed,
+                                                 disallowed_special=disallowed)) == \
+            outcome(lambda: reference.encode_batch(TEXTS, allowed_special=allowed, disallowed_special=disallowed))
     batch = reference.encode_batch(TEXTS, allowed_special="all") + [reference.encode("a😀")[:2]]  # a cut character
     assert ours.decode_batch(batch) == reference.decode_batch(batch)
     assert ours.decode_batch(batch, errors="ignore", num_threads=3) == reference.decode_batch(batch, errors="ignore")
@@ -158,6 +167,25 @@ def test_unknown_tokens_raise_key_errors_as_in_tiktoken(ours, reference, small):
         no_eot.eot_token
 
 
+@pytest.mark.parametrize("value", [1, 3, None, [104, 105], 1.5])
+def test_bytes_methods_refuse_what_is_not_bytes_as_tiktoken_does(ours, reference, value):
+    # bytes(3) would be b"\0\0\0": an int must not pass for bytes
+    for method in ("encode_single_token", "_encode_bytes"):
+        with pytest.raises(TypeError):
+            getattr(reference, method)(value)
+        with pytest.raises(TypeError, match=f"takes .*bytes, not {type(value).__name__}"):
+            getattr(ours, method)(value)
+    with pytest.raises(TypeError):  # text is not bytes here (it is in encode_single_token)
+        reference._encode_bytes("hi")
+    with pytest.raises(TypeError, match="takes bytes, not str"):
+        ours.encode_bytes("hi")
+    # other bytes-like objects are read as their bytes (tiktoken takes bytes only)
+    data = "héllo 😀".encode("utf-8")
+    for like in (bytearray(data), memoryview(data)):
+        assert ours.encode_bytes(like) == reference._encode_bytes(data)
+    assert ours.encode_single_token(bytearray(b"hello")) == reference.encode_single_token(b"hello")
+
+
 def test_bad_special_arguments_are_clear_errors(ours):
     with pytest.raises(TokenizerError, match="allowed_special must be"):
         ours.encode("x", allowed_special="<|endoftext|>")
@@ -199,7 +227,7 @@ SPECIAL_TEXT = st.lists(KNOWN_TEXT
 @settings(max_examples=300, deadline=None)
 @given(parts=SPECIAL_TEXT,
        allowed=st.just("all") | st.sets(st.sampled_from(sorted(SPECIALS) + ["<|nope|>"])),
-       disallowed=st.just("all") | st.just(()) | st.sets(st.sampled_from(sorted(SPECIALS))))
+       disallowed=st.just("all") | st.just(()) | st.sets(st.sampled_from(sorted(SPECIALS) + ["<|nope|>", "|>", "x"])))
 def test_special_token_handling_equals_tiktoken(ours, reference, parts, allowed, disallowed):
     text = "".join(parts)
     mine = outcome(lambda: ours.encode(text, allowed_special=allowed, disallowed_special=disallowed))
@@ -233,10 +261,22 @@ def test_names(small, tmp_path):
     small.save(tmp_path / "my_tok.json")
     assert Tokenizer.load(tmp_path / "my_tok.json").name == "my_tok"
     assert Tokenizer.load(tmp_path / "my_tok.json", name="other").name == "other"
-    (tmp_path / "hf").mkdir()
-    small.save_huggingface(tmp_path / "hf" / "tokenizer.json")
-    assert Tokenizer.from_huggingface(tmp_path / "hf").name == "hf"
-    assert Tokenizer.from_huggingface(tmp_path / "hf" / "tokenizer.json").name == "tokenizer"
+    # a tokenizer.json or vocab.json is named after its folder (a model's, a checkpoint's), not "tokenizer"
+    for folder in ("hf", "hub/models--gpt2/snapshots/0123abc", "hub/models--openai-community--gpt2/snapshots/4567"):
+        (tmp_path / folder).mkdir(parents=True)
+        small.save_huggingface(tmp_path / folder / "tokenizer.json")
+    (tmp_path / "ckpt").mkdir()
+    small.save(tmp_path / "ckpt" / "tokenizer.json")
+    assert Tokenizer.load(tmp_path / "ckpt" / "tokenizer.json").name == "ckpt"
+    for load in (Tokenizer.load, Tokenizer.from_huggingface):
+        assert load(tmp_path / "hf").name == load(tmp_path / "hf" / "tokenizer.json").name == "hf"
+        assert load(tmp_path / "ckpt").name == "ckpt"
+        # the hub's cache, where --tokenizer gpt2 leads: the model's name, not the commit's
+        snapshot = tmp_path / "hub/models--gpt2/snapshots/0123abc"
+        assert load(snapshot).name == load(snapshot / "tokenizer.json").name == "gpt2"
+        assert load(tmp_path / "hub/models--openai-community--gpt2/snapshots/4567").name == "openai-community/gpt2"
+    (tmp_path / "link").symlink_to(snapshot)  # e.g. a folder linked to the cache: where it leads
+    assert Tokenizer.load(tmp_path / "link").name == "gpt2"
 
 
 def nanogpt_prepare(enc, split_dataset, out_dir: Path, num_proc: int) -> None:

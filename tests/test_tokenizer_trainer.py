@@ -127,14 +127,31 @@ def test_file_streaming_gives_the_pieces_of_the_whole_file(tmp_path):
     assert_chunks_count_like_the_whole(chunks, text)
 
 
-@pytest.mark.parametrize("procs", [2, 3])
-def test_counting_in_several_processes_equals_one(monkeypatch, procs):
-    # Each process keeps its counts and hands them over once at the end: none may be lost or counted twice.
+@pytest.mark.parametrize("procs, hand_over_at", [(2, None), (3, None), (2, 50)])
+def test_counting_in_several_processes_equals_one(monkeypatch, procs, hand_over_at):
+    # Each process keeps its counts and hands them over at the end, or whenever they pass their limit (here, with
+    # hand_over_at, after nearly every batch): none may be lost or counted twice.
     from tokenizer import trainer
     monkeypatch.setattr(trainer, "BATCH_CHARS", 2000)
+    if hand_over_at:
+        monkeypatch.setattr(trainer, "HAND_OVER_PIECES", hand_over_at)
+        monkeypatch.setattr(trainer, "MIN_HAND_OVER_PIECES", hand_over_at)
     rng = random.Random(1)
     docs = ["".join(rng.choice("abc \n1.é") for _ in range(3000)) for _ in range(8)]
     assert count_pieces(docs, GPT4_PATTERN, num_proc=procs) == count_pieces(docs, GPT4_PATTERN, num_proc=1)
+
+
+def test_a_counting_process_hands_its_counts_over_past_its_limit(monkeypatch):
+    # its memory stays bounded: past `limit` distinct pieces its counts go back with the batch's result
+    from collections import Counter
+
+    from tokenizer import trainer
+    monkeypatch.setattr(trainer, "_worker_counts", Counter())
+    assert trainer._count_in_worker((GPT4_PATTERN, ["a b a", "c"], 4)) == (6, None)  # 4 pieces: "a", " b", " a", "c"
+    assert trainer._count_in_worker((GPT4_PATTERN, [" d"], 4)) == (2, Counter({"a": 1, " b": 1, " a": 1, "c": 1,
+                                                                                " d": 1}))
+    assert trainer._worker_counts == Counter()  # a fresh start
+    assert trainer._count_in_worker((GPT4_PATTERN, ["e"], 4)) == (1, None)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -7,6 +7,7 @@
     python -m tokenizer info -t tok.json --file corpus.txt         # sizes, longest tokens, compression
     python -m tokenizer show -t tok.json "hello world"             # how a text splits into tokens
     python -m tokenizer encode -t gpt2/tokenizer.json "hi"         # a Hugging Face file or folder works too
+    python -m tokenizer encode -t gpt2/vocab.json "hi"             # so does GPT-2's vocab.json + merges.txt
 
 User errors print one line (``error: ...``) and exit with status 2; nothing partial is written.
 """
@@ -99,13 +100,8 @@ def _path(text: str) -> Path:
 
 def _add_tokenizer(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--tokenizer", required=True, type=_path,
-                   help="tokenizer JSON written by `train`, a Hugging Face tokenizer.json, or a folder holding one "
-                        "(a minigpt checkpoint, a Hugging Face model)")
-
-
-def _load(path: Path) -> Tokenizer:
-    """Our JSON or a Hugging Face tokenizer.json (Tokenizer.load reads both); a folder as from_huggingface reads it."""
-    return Tokenizer.from_huggingface(path) if path.is_dir() else Tokenizer.load(path)
+                   help="tokenizer JSON written by `train`, a Hugging Face tokenizer.json or vocab.json (with "
+                        "merges.txt beside it), or a folder holding one (a minigpt checkpoint, a Hugging Face model)")
 
 
 def _add_errors(p: argparse.ArgumentParser) -> None:
@@ -186,13 +182,13 @@ def _encoder(args: argparse.Namespace, tok: Tokenizer):
 
 
 def _encode(args: argparse.Namespace) -> None:
-    tok = _load(args.tokenizer)
+    tok = Tokenizer.load(args.tokenizer)
     encode, read = _encoder(args, tok), _text_source(args)
     print(" ".join(map(str, encode(read()))))
 
 
 def _decode(args: argparse.Namespace) -> None:
-    tok = _load(args.tokenizer)
+    tok = Tokenizer.load(args.tokenizer)
     if not args.ids and sys.stdin.isatty():
         raise TokenizerError("no ids to decode: give them as arguments or on stdin "
                              "(e.g. ... encode ... | python -m tokenizer decode -t TOKENIZER)")
@@ -210,7 +206,7 @@ def _token_id(word: str) -> int:
 
 
 def _show(args: argparse.Namespace) -> None:
-    tok = _load(args.tokenizer)
+    tok = Tokenizer.load(args.tokenizer)
     encode, read = _encoder(args, tok), _text_source(args)
     ids = encode(read())
     print("".join(f"[{_visible(tok.token_bytes(i))}]" for i in ids))
@@ -235,7 +231,7 @@ def _visible(raw: bytes) -> str:
 def _info(args: argparse.Namespace) -> None:
     if args.top < 0:
         raise TokenizerError(f"--top must be 0 or more, got {args.top}")
-    tok = _load(args.tokenizer)
+    tok = Tokenizer.load(args.tokenizer)
     compression = None
     if args.file:  # measured first, so that a bad file stops the command before it prints anything
         n_bytes = n_tokens = 0

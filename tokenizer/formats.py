@@ -114,7 +114,7 @@ def load_json(path: PathLike, name: str | None = None) -> "Tokenizer":
                                  f"Tokenizer.from_tiktoken({str(path)!r}, pattern=..., special_tokens=...) and "
                                  f"save() it as JSON") from None
         raise TokenizerError(f"{path} is not a valid tokenizer JSON file ({e}); {hint}") from None
-    name = name or Path(path).stem
+    name = name or default_name(path)
     if _is_huggingface(doc):
         return _tokenizer(*_from_tokenizer_json(doc, Path(path)), name)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -289,18 +289,32 @@ HF_VOCAB_FILE = "vocab.json"
 HF_MERGES_FILE = "merges.txt"
 
 
+def default_name(path: PathLike) -> str:
+    """The name of a tokenizer read from ``path`` when none is given: a file's stem (``cl100k_base.tiktoken``:
+    cl100k_base), but for a ``tokenizer.json`` or ``vocab.json``, whose stems say nothing, its folder's name; a
+    folder's name, but for a snapshot in the Hugging Face hub's cache (``models--org--name/snapshots/<commit>``,
+    where ``--tokenizer gpt2`` leads), the model's (``org/name``), not the commit's."""
+    path = Path(path)
+    if path.is_dir() or path.name in (HF_TOKENIZER_FILE, HF_VOCAB_FILE):
+        folder = (path if path.is_dir() else path.parent).resolve()  # not the file: the cache links it to a blob
+        cache = folder.parent.parent.name
+        if folder.parent.name == "snapshots" and cache.startswith("models--"):
+            return cache[len("models--"):].replace("--", "/")
+        return folder.name or str(folder)
+    return path.stem
+
+
 def load_huggingface(path: PathLike, name: str | None = None) -> "Tokenizer":
     """Read a byte-level BPE tokenizer in Hugging Face form: a folder (its ``tokenizer.json``, else its
     ``vocab.json`` + ``merges.txt``), a ``tokenizer.json`` file, or a ``vocab.json`` with ``merges.txt`` beside it.
-    Our own ``tokenizer.json`` (a minigpt checkpoint's) is read too. ``name`` defaults to the folder's name or the
-    file's stem.
+    Our own ``tokenizer.json`` (a minigpt checkpoint's) is read too. ``name`` defaults to :func:`default_name`.
 
     The tokenizer's ranks order the tokens by the merge that makes them (the merge list's order, which is what BPE
     follows); its ids number them as the file does, as ``tokenizers`` does. Tokens are stored there in GPT-2's
     printable stand-in characters (:func:`bytes_to_unicode`), not as bytes.
     """
     path = Path(path)
-    name = name or (path.resolve().name if path.is_dir() else path.stem)
+    name = name or default_name(path)
     if path.is_dir():
         if (path / HF_TOKENIZER_FILE).is_file():
             path = path / HF_TOKENIZER_FILE
@@ -308,7 +322,8 @@ def load_huggingface(path: PathLike, name: str | None = None) -> "Tokenizer":
             path = path / HF_VOCAB_FILE
         else:
             raise TokenizerError(f"{path} has no {HF_TOKENIZER_FILE} and no {HF_VOCAB_FILE} + {HF_MERGES_FILE}; "
-                                 f"give the folder of a Hugging Face byte-level BPE tokenizer")
+                                 f"give a tokenizer file, or the folder of a minigpt checkpoint or of a Hugging Face "
+                                 f"byte-level BPE tokenizer")
     if path.name == HF_VOCAB_FILE:
         return _tokenizer(*_read_vocab_merges(path, path.with_name(HF_MERGES_FILE)), name)
     doc = _read_json_file(path, "tokenizer.json")

@@ -46,8 +46,9 @@ BATCH_IN_PROCESSES = 4 << 20
 # What encode_bytes counts as whitespace when it widens the unstable end of valid text (as tiktoken does).
 _SPACE_BYTES = frozenset(b" \n\t")
 
-# "all", "none" (ours; tiktoken writes set() or ()), or a collection of special-token strings.
-AllowedSpecial = Union[str, Iterable[str]]
+# allowed_special and disallowed_special: "all", "none" (ours; tiktoken writes set() or ()), or a collection of
+# special-token strings (disallowed_special: of any strings, as in tiktoken).
+SpecialSet = Union[str, Iterable[str]]
 
 
 class Tokenizer:
@@ -108,8 +109,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], *, name: str | None = None) -> "Tokenizer":
-        """Load our versioned JSON file (see :mod:`tokenizer.formats`), or a Hugging Face ``tokenizer.json`` as
-        :meth:`from_huggingface` reads it. ``name`` defaults to the file's stem."""
+        """Load a tokenizer file or folder, whatever its kind: the one loader that every command uses.
+
+        A folder (a minigpt checkpoint, a Hugging Face model) or a ``vocab.json`` is read by
+        :meth:`from_huggingface`; any other file is our versioned JSON (see :mod:`tokenizer.formats`) or a Hugging
+        Face ``tokenizer.json``, and a tiktoken rank file is explained. ``name`` defaults to one made from the path
+        (:func:`tokenizer.formats.default_name`)."""
+        path = Path(path)
+        if path.is_dir() or path.name == formats.HF_VOCAB_FILE:
+            return formats.load_huggingface(path, name)
         return formats.load_json(path, name)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -121,7 +129,7 @@ class Tokenizer:
                       special_tokens: dict[str, int] | None = None, *, name: str | None = None) -> "Tokenizer":
         """Import a tiktoken rank file (``base64-token rank`` per line), e.g. ``cl100k_base.tiktoken``.
         ``name`` defaults to the file's stem."""
-        return cls(formats.read_tiktoken(path), pattern, special_tokens, name=name or Path(path).stem)
+        return cls(formats.read_tiktoken(path), pattern, special_tokens, name=name or formats.default_name(path))
 
     def save_tiktoken(self, path: Union[str, os.PathLike]) -> None:
         """Export the mergeable ranks as a tiktoken rank file (special tokens are not part of that format)."""
@@ -132,7 +140,8 @@ class Tokenizer:
         """Import a Hugging Face byte-level BPE tokenizer (GPT-2's and its family's): a folder, its
         ``tokenizer.json``, or its ``vocab.json`` (with ``merges.txt`` beside it). Gives the ids ``tokenizers``
         gives; see :func:`tokenizer.formats.load_huggingface`. A minigpt checkpoint folder or our own
-        ``tokenizer.json`` is read too. ``name`` defaults to the folder's name or the file's stem."""
+        ``tokenizer.json`` is read too. ``name`` defaults to the model's name
+        (:func:`tokenizer.formats.default_name`)."""
         return formats.load_huggingface(path, name)
 
     def save_huggingface(self, path: Union[str, os.PathLike]) -> None:
@@ -179,10 +188,6 @@ class Tokenizer:
             separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(payload.encode("ascii")).hexdigest()
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes one id decodes to (special tokens: their UTF-8 text)."""
-        return self.decode_bytes([token_id])
-
     def token_byte_lengths(self) -> np.ndarray:
         """int64 array (vocab_size,): bytes each id decodes to; special tokens and unused ids count 0.
 
@@ -214,8 +219,9 @@ class Tokenizer:
 
     @property
     def name(self) -> str:
-        """tiktoken's encoding name: given at construction or load, by default the file's stem; a tokenizer made in
-        memory is called ``minigpt-`` + the start of its checksum. Not stored in our file."""
+        """tiktoken's encoding name: given at construction or load, by default made from the path it was loaded from
+        (:func:`tokenizer.formats.default_name`); a tokenizer made in memory is called ``minigpt-`` + the start of
+        its checksum. Not stored in our file."""
         return self._name if self._name is not None else f"minigpt-{self.checksum[:12]}"
 
     @name.setter
@@ -281,8 +287,8 @@ class Tokenizer:
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
 
-    def encode(self, text: str, allowed_special: AllowedSpecial = frozenset(), *,
-               disallowed_special: AllowedSpecial = "all") -> list[int]:
+    def encode(self, text: str, allowed_special: SpecialSet = frozenset(), *,
+               disallowed_special: SpecialSet = "all") -> list[int]:
         """Encode text; special-token text is refused unless allowed, with tiktoken's rules.
 
         ``allowed_special``: special tokens encoded as their ids: a set of them, "all", or "none" / an empty set
@@ -307,8 +313,8 @@ class Tokenizer:
         out += self.encode_ordinary(text[start:])
         return out
 
-    def encode_to_numpy(self, text: str, allowed_special: AllowedSpecial = frozenset(), *,
-                        disallowed_special: AllowedSpecial = "all") -> np.ndarray:
+    def encode_to_numpy(self, text: str, allowed_special: SpecialSet = frozenset(), *,
+                        disallowed_special: SpecialSet = "all") -> np.ndarray:
         """:meth:`encode` as a uint32 array (tiktoken's ``encode_to_numpy``)."""
         return np.array(self.encode(text, allowed_special, disallowed_special=disallowed_special), dtype=np.uint32)
 
@@ -319,7 +325,7 @@ class Tokenizer:
         its last piece (widened back over whitespace-only tokens, whose pieces can merge differently) to the end
         are joined by BPE as one piece: a regex cannot split bytes that are not text.
         """
-        data = bytes(data)
+        data = _as_bytes(data, "encode_bytes() takes bytes")
         try:
             return self.encode_ordinary(data.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -344,7 +350,8 @@ class Tokenizer:
     def encode_single_token(self, text_or_bytes: Union[str, bytes]) -> int:
         """The id of text (or bytes) that is exactly one token, special tokens included; a KeyError
         (:class:`UnknownTokenError`) otherwise."""
-        piece = text_or_bytes.encode("utf-8") if isinstance(text_or_bytes, str) else bytes(text_or_bytes)
+        piece = text_or_bytes.encode("utf-8") if isinstance(text_or_bytes, str) else \
+            _as_bytes(text_or_bytes, "encode_single_token() takes str or bytes")
         token = self._token_ids.get(piece)
         if token is None:
             try:
@@ -357,8 +364,8 @@ class Tokenizer:
         return token
 
     def encode_batch(self, text: Sequence[str], num_proc: int | None = None, *, num_threads: int | None = None,
-                     allowed_special: AllowedSpecial = frozenset(),
-                     disallowed_special: AllowedSpecial = "all") -> list[list[int]]:
+                     allowed_special: SpecialSet = frozenset(),
+                     disallowed_special: SpecialSet = "all") -> list[list[int]]:
         """:meth:`encode` each text, in worker processes for large batches (see :meth:`_worker_count`)."""
         allowed = self._allowed(allowed_special)  # checked here, not in a worker; an iterable is read once
         return self._encode_many(list(text), (allowed, self._disallowed(disallowed_special, allowed)),
@@ -394,7 +401,7 @@ class Tokenizer:
             num_proc = min(num_threads or cpus, cpus) if sum(map(len, texts)) > BATCH_IN_PROCESSES else 1
         return max(1, min(num_proc, len(texts)))
 
-    def _allowed(self, allowed_special: AllowedSpecial) -> frozenset[str]:
+    def _allowed(self, allowed_special: SpecialSet) -> frozenset[str]:
         """The special tokens to encode as ids. Names that are not special tokens are ignored, as in tiktoken (a
         real one in the text is still refused unless allowed)."""
         if allowed_special == "all":
@@ -406,7 +413,7 @@ class Tokenizer:
                 f"allowed_special must be 'all', 'none' or a set of special tokens, got {allowed_special!r}")
         return self._special_set.intersection(allowed_special)
 
-    def _disallowed(self, disallowed_special: AllowedSpecial, allowed: frozenset[str]) -> frozenset[str]:
+    def _disallowed(self, disallowed_special: SpecialSet, allowed: frozenset[str]) -> frozenset[str]:
         """The strings whose presence raises: "all" is every special token not allowed (tiktoken's rule)."""
         if disallowed_special == "all":
             return self._special_set - allowed if allowed else self._special_set  # the latter's hash is cached
@@ -471,6 +478,8 @@ class Tokenizer:
             return self._decoder[token]
         except (KeyError, TypeError):
             raise self._unknown(token) from None
+
+    token_bytes = decode_single_token_bytes  # our shorter name for it
 
     def decode_tokens_bytes(self, tokens: Iterable[int]) -> list[bytes]:
         """The bytes of each id (to show how a text was split)."""
@@ -610,6 +619,17 @@ def _merge_long(piece: bytes, ranks: dict[bytes, int], max_len: int) -> list[int
         out.append(ranks[piece[i:end[i]]])
         i = end[i]
     return out
+
+
+def _as_bytes(data: object, takes: str) -> bytes:
+    """``data`` as bytes if it is bytes-like (tiktoken takes bytes only; bytearray and memoryview are read too), else
+    a TypeError: ``bytes(3)`` would be three zero bytes."""
+    if isinstance(data, bytes):
+        return data
+    try:
+        return memoryview(data).tobytes()
+    except TypeError:
+        raise TypeError(f"{takes}, not {type(data).__name__}") from None
 
 
 def _check_vocab(ranks: dict[bytes, int], special_tokens: dict[str, int], ids: dict[bytes, int] | None) -> None:

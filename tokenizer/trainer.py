@@ -4,8 +4,9 @@ The algorithm, in four steps:
 
 1. **Pre-split** every text with the pattern (GPT-4's by default; ASCII text through an equivalent pattern that
    Python's `re` runs twice as fast, see :func:`~tokenizer.patterns.splitter`) and count each distinct piece, in
-   one process per core, each keeping its counts until the end. A corpus of gigabytes has only a few million
-   distinct pieces, so from here on memory and time depend on the number of distinct pieces, not on its size.
+   one process per core, each keeping its counts until the end or until they grow past its share of
+   :data:`HAND_OVER_PIECES`. A corpus of gigabytes has only a few million distinct pieces, so from here on memory
+   and time depend on the number of distinct pieces, not on its size.
 2. **Index pairs.** The pieces become one flat table of symbol ids (at first their bytes, ids 0..255) with each
    piece's count (:class:`~tokenizer.piece_table.PieceTable`). We count every adjacent pair, weighted by piece
    counts, into ``pair_counts`` and push ``(-count, pair)`` onto a heap; the table records where each pair occurs.
@@ -48,6 +49,13 @@ Symbol = Union[bytes, str]
 
 # Texts are counted in batches of about this many characters (one unit of work for a counting process).
 BATCH_CHARS = 1 << 20
+# The counting processes together keep at most about this many distinct pieces (some 120 bytes each) before they
+# hand them to the main process, each at least MIN_HAND_OVER_PIECES: without a bound each would hold about every
+# distinct piece of its share of the corpus, a memory that grows with the corpus and the number of cores. Handing
+# over costs the main process about 0.7 s per million pieces (unpickle, add up); on 2 cores a process of the 435 MB
+# benchmark holds 0.62 M at its end, so that run hands over once, as before.
+HAND_OVER_PIECES = 1 << 21
+MIN_HAND_OVER_PIECES = 1 << 18
 
 
 def learn_merges(
@@ -162,8 +170,8 @@ def _count_texts(pattern: str, texts: list[str], counter: Counter) -> int:
     return sum(map(len, texts))
 
 
-# A counting process keeps its counts until the end and hands them over once: sending a Counter back for every
-# batch cost the main process more than a second per 100 MB to unpickle and add up.
+# A counting process keeps its counts across batches and hands them over at the end (or past its limit): sending a
+# Counter back for every batch cost the main process more than a second per 100 MB to unpickle and add up.
 _worker_counts: Counter = Counter()
 _hand_over_barrier = None
 
@@ -173,8 +181,16 @@ def _init_worker(barrier) -> None:
     _hand_over_barrier = barrier
 
 
-def _count_in_worker(args: tuple[str, list[str]]) -> int:
-    return _count_texts(*args, _worker_counts)
+def _count_in_worker(args: tuple[str, list[str], int]) -> tuple[int, Counter | None]:
+    """Count a batch into this process's counts: (characters counted, None), or, once the counts hold more than
+    ``limit`` distinct pieces, (characters, the counts) and a fresh start, so that memory stays bounded."""
+    global _worker_counts
+    pattern, texts, limit = args
+    size = _count_texts(pattern, texts, _worker_counts)
+    if len(_worker_counts) <= limit:
+        return size, None
+    counts, _worker_counts = _worker_counts, Counter()
+    return size, counts
 
 
 def _hand_over(_: int) -> Counter:
@@ -192,22 +208,27 @@ def count_pieces(
     """Step 1: count each distinct piece of ``texts``, streamed in batches of about ``BATCH_CHARS`` characters.
 
     ``num_proc=None`` uses every CPU once there is more than one batch; ``num_proc=1`` stays in this process.
-    Memory is bounded by the number of distinct pieces (in each process) plus a few batches in flight.
+    Memory is bounded by the number of distinct pieces (in this process), :data:`HAND_OVER_PIECES` (in the counting
+    processes) and a few batches in flight.
     """
     compile_pattern(pattern)  # fail early, in this process, on a bad regex
     batches = _batches(texts, BATCH_CHARS)
     head = list(islice(batches, 2))
-    work = ((pattern, batch) for batch in chain(head, batches))
+    batches = chain(head, batches)
     procs = num_proc if num_proc is not None else (os.cpu_count() or 1)
     total: Counter = Counter()
     with tqdm(desc="counting", unit="char", unit_scale=True, disable=not progress, delay=1) as bar:
         if len(head) < 2 or procs <= 1:
-            for _, batch in work:
+            for batch in batches:
                 bar.update(_count_texts(pattern, batch, total))
             return total
+        limit = max(HAND_OVER_PIECES // procs, MIN_HAND_OVER_PIECES)
+        work = ((pattern, batch, limit) for batch in batches)
         context = multiprocessing.get_context()
         with context.Pool(procs, initializer=_init_worker, initargs=(context.Barrier(procs),)) as pool:
-            for size in _bounded_imap(pool, _count_in_worker, work, window=2 * procs):
+            for size, counts in _bounded_imap(pool, _count_in_worker, work, window=2 * procs):
+                if counts is not None:
+                    total.update(counts)
                 bar.update(size)
             for counts in pool.imap_unordered(_hand_over, range(procs)):
                 total.update(counts)  # the first into an empty Counter is a plain dict update
