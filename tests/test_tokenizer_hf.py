@@ -57,13 +57,7 @@ def test_ids_equal_tokenizers(hf_folder, which):
 
 def test_ids_not_in_merge_order_are_kept_apart_from_ranks(hf_folder, tmp_path):
     """Renumber the merged tokens (reverse their ids): `tokenizers` still merges by the merge list, so do we."""
-    doc = json.loads((hf_folder / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = doc["model"]["vocab"]
-    merged = sorted((t for t in vocab if len(t) > 1 and t != "<|endoftext|>"), key=vocab.get)
-    for token, new_id in zip(merged, sorted((vocab[t] for t in merged), reverse=True)):
-        vocab[token] = new_id
-    path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(doc), encoding="utf-8")
+    path = renumbered(hf_folder, tmp_path)
     reference = HFTokenizer.from_file(str(path))
     ours = Tokenizer.from_huggingface(path)
     assert ours.ids_differ
