@@ -167,6 +167,21 @@ def test_unknown_tokens_raise_key_errors_as_in_tiktoken(ours, reference, small):
         no_eot.eot_token
 
 
+
+@pytest.mark.parametrize("ids", [np.array([9906.0, 1.0]), [9906, 1.5], ["a"], [None]])
+def test_ids_that_are_not_integers_are_type_errors_as_in_tiktoken(ours, reference, ids):
+    # a float 1.0 equals the dict key 1: looked up by value, a float array would decode where tiktoken refuses
+    for fn in (lambda e: e.decode(ids), lambda e: e.decode_bytes(ids), lambda e: e.decode_with_offsets(ids),
+               lambda e: e.decode_tokens_bytes(ids), lambda e: e.decode_single_token_bytes(ids[-1]),
+               lambda e: e.decode_batch([ids]), lambda e: e.decode_bytes_batch([ids])):
+        with pytest.raises(TypeError):
+            fn(reference)
+        with pytest.raises(TypeError, match="token ids must be integers") as err:
+            fn(ours)
+        assert isinstance(err.value, TokenizerError)  # and one line in our CLIs
+    assert ours.decode(np.array([9906, 1917], np.uint32)) == reference.decode([9906, 1917]) == "Hello world"
+    assert ours.decode([True, np.int64(1917)]) == reference.decode([True, np.int64(1917)]) == '" world'
+
 @pytest.mark.parametrize("value", [1, 3, None, [104, 105], 1.5])
 def test_bytes_methods_refuse_what_is_not_bytes_as_tiktoken_does(ours, reference, value):
     # bytes(3) would be b"\0\0\0": an int must not pass for bytes

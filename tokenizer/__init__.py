@@ -5,8 +5,9 @@
     ids = tok.encode("hello world"); text = tok.decode(ids)
 """
 
-from .errors import TokenizerError, UnknownTokenError
+from .errors import NotATokenIdError, TokenizerError, UnknownTokenError
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, pattern_from_name
 from .tokenizer import Tokenizer
 
-__all__ = ["Tokenizer", "TokenizerError", "UnknownTokenError", "GPT2_PATTERN", "GPT4_PATTERN", "pattern_from_name"]
+__all__ = ["Tokenizer", "TokenizerError", "UnknownTokenError", "NotATokenIdError", "GPT2_PATTERN", "GPT4_PATTERN",
+           "pattern_from_name"]

@@ -11,3 +11,7 @@ class UnknownTokenError(TokenizerError, KeyError):
     it catches that."""
 
     __str__ = TokenizerError.__str__  # the message as it is, not quoted as KeyError quotes its key
+
+
+class NotATokenIdError(TokenizerError, TypeError):
+    """An id that is not an integer (a string, a float). Also a TypeError, because tiktoken raises TypeError there."""

@@ -30,7 +30,7 @@ import numpy as np
 import regex
 
 from . import formats
-from .errors import TokenizerError, UnknownTokenError
+from .errors import NotATokenIdError, TokenizerError, UnknownTokenError
 from .patterns import GPT4_PATTERN, pattern_from_name, splitter
 from .trainer import train_bpe
 
@@ -459,9 +459,14 @@ class Tokenizer:
     # ---------------------------------------------------------------- decoding
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The exact bytes of ``ids`` (special tokens as their UTF-8 text)."""
+        """The exact bytes of ``ids`` (special tokens as their UTF-8 text). An id that is not an integer is a
+        TypeError (:class:`NotATokenIdError`), as in tiktoken, and so is an array of floats; but a float in a list
+        that equals an id (``2.0``) is read as that id: checking each element's type would slow decoding by a
+        third. An id this vocabulary lacks is a KeyError (:class:`UnknownTokenError`)."""
         if not isinstance(ids, (list, tuple, np.ndarray)):
             ids = list(ids)
+        elif isinstance(ids, np.ndarray) and ids.dtype.kind not in "iu":
+            raise NotATokenIdError(f"cannot decode an array of {ids.dtype}: token ids must be integers")
         try:
             return b"".join(map(self._decoder.__getitem__, ids))
         except (KeyError, TypeError):
@@ -474,9 +479,11 @@ class Tokenizer:
 
     def decode_single_token_bytes(self, token: int) -> bytes:
         """The bytes of one id, special tokens included; a KeyError (:class:`UnknownTokenError`) for an unknown id."""
+        if not isinstance(token, (int, np.integer)):
+            raise self._unknown(token)
         try:
             return self._decoder[token]
-        except (KeyError, TypeError):
+        except KeyError:
             raise self._unknown(token) from None
 
     token_bytes = decode_single_token_bytes  # our shorter name for it
@@ -511,7 +518,9 @@ class Tokenizer:
         """The bytes of every mergeable (non-special) token, sorted, as tiktoken lists them."""
         return sorted(self._token_ids)
 
-    def _unknown(self, bad: object) -> UnknownTokenError:
+    def _unknown(self, bad: object) -> TokenizerError:
+        if not isinstance(bad, (int, np.integer)):
+            return NotATokenIdError(f"cannot decode id {bad!r}: token ids must be integers, not {type(bad).__name__}")
         inside = isinstance(bad, (int, np.integer)) and 0 <= bad < self.vocab_size
         why = f"id {int(bad)} is not in this vocabulary" if inside else \
             f"valid ids are 0..{self.vocab_size - 1} of this tokenizer"
