@@ -182,6 +182,19 @@ def test_ids_that_are_not_integers_are_type_errors_as_in_tiktoken(ours, referenc
     assert ours.decode(np.array([9906, 1917], np.uint32)) == reference.decode([9906, 1917]) == "Hello world"
     assert ours.decode([True, np.int64(1917)]) == reference.decode([True, np.int64(1917)]) == '" world'
 
+
+@pytest.mark.parametrize("text", [None, 3, b"hi", ["hi"]])
+def test_text_that_is_not_str_is_a_type_error_as_in_tiktoken(ours, reference, text):
+    for fn in (lambda e: e.encode_ordinary(text), lambda e: e.encode(text), lambda e: e.encode_to_numpy(text),
+               lambda e: e.encode(text, disallowed_special=()), lambda e: e.encode(text, allowed_special="all"),
+               lambda e: e.encode_ordinary_batch([text]), lambda e: e.encode_batch([text])):
+        with pytest.raises(TypeError):
+            fn(reference)
+        with pytest.raises(TypeError):  # not an AttributeError from inside the splitter
+            fn(ours)
+    with pytest.raises(TypeError, match=f"must be str, not {type(text).__name__}"):
+        ours.encode_ordinary(text)
+
 @pytest.mark.parametrize("value", [1, 3, None, [104, 105], 1.5])
 def test_bytes_methods_refuse_what_is_not_bytes_as_tiktoken_does(ours, reference, value):
     # bytes(3) would be b"\0\0\0": an int must not pass for bytes

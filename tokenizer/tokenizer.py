@@ -286,6 +286,11 @@ class Tokenizer:
         except UnicodeEncodeError:  # lone surrogates: like tiktoken, join valid pairs and replace the rest by U+FFFD
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
+        except (AttributeError, TypeError):
+            if isinstance(text, str):
+                raise
+            hint = "; encode_bytes() takes bytes" if isinstance(text, (bytes, bytearray, memoryview)) else ""
+            raise TypeError(f"text to encode must be str, not {type(text).__name__}{hint}") from None
 
     def encode(self, text: str, allowed_special: SpecialSet = frozenset(), *,
                disallowed_special: SpecialSet = "all") -> list[int]:
