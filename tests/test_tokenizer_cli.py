@@ -105,6 +105,19 @@ def test_bad_input_is_one_line_exit_2_and_no_output(workdir, args, message):
     assert not (workdir / "o.json").exists()
 
 
+@pytest.mark.parametrize("inputs", [["c.txt"], ["own"], ["b.txt", "own/*.txt"]])
+def test_train_refuses_to_write_over_its_own_input(workdir, inputs):
+    # --output among the inputs (the file itself, or one found in a folder or glob) would destroy the corpus
+    (workdir / "own").mkdir(exist_ok=True)
+    text = "hello world, the corpus itself\n" * 20
+    for f in (workdir / "c.txt", workdir / "own" / "c.txt"):
+        f.write_text(text, encoding="utf-8")
+    output = "c.txt" if inputs == ["c.txt"] else "own/c.txt"
+    r = cli("train", "--input", *inputs, "--vocab-size", "300", "--output", output, "--quiet", cwd=workdir)
+    assert r.returncode == 2 and "is one of the --input files" in r.stderr and "Traceback" not in r.stderr
+    assert (workdir / output).read_text(encoding="utf-8") == text
+
+
 def test_replace_errors_option_trains_on_invalid_utf8(workdir):
     (workdir / "bad.txt").write_bytes(b"hello \xff\xfe world\n" * 20)
     r = cli("train", "--input", "bad.txt", "--vocab-size", "270", "--errors", "replace", "--special",

@@ -133,6 +133,9 @@ def _train(args: argparse.Namespace) -> None:
         raise TokenizerError(f"--output {out} is a directory; give a file name such as {out}/tok.json")
     if not out.parent.exists():
         raise TokenizerError(f"--output folder {out.parent} does not exist; create it first")
+    if out.exists() and any(out.samefile(f) for f in files):
+        raise TokenizerError(f"--output {out} is one of the --input files: writing the tokenizer there would replace "
+                             f"the text it is trained on; give another file name (or move it out of the input folder)")
     tok = Tokenizer.train(_file_text(files, args.errors), vocab_size=args.vocab_size,
                           pattern=pattern_from_name(args.pattern), special_tokens=args.special,
                           min_frequency=args.min_frequency, progress=not args.quiet, num_proc=args.num_proc)
