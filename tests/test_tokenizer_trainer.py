@@ -160,6 +160,9 @@ def test_a_counting_process_hands_its_counts_over_past_its_limit(monkeypatch):
     (dict(vocab_size=300, min_frequency=0), "min_frequency"),
     (dict(vocab_size=300, pattern="(unclosed"), "invalid split pattern"),
     (dict(vocab_size=300, pattern=r"\w*"), "empty string"),
+    (dict(vocab_size=300, num_proc=0), "num_proc must be a positive integer"),  # was taken as "every CPU"
+    (dict(vocab_size=300, num_proc=-1), "num_proc must be a positive integer"),
+    (dict(vocab_size=300, num_proc="2"), "num_proc must be a positive integer"),
 ])
 def test_bad_training_arguments(kwargs, message):
     with pytest.raises(TokenizerError, match=message):

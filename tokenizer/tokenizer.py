@@ -101,6 +101,8 @@ class Tokenizer:
                 f"{len(special_tokens)} special token(s) = {256 + len(special_tokens)}")
         if not isinstance(min_frequency, int) or min_frequency < 1:
             raise TokenizerError(f"min_frequency must be an integer >= 1, got {min_frequency!r}")
+        if num_proc is not None and (not isinstance(num_proc, int) or num_proc < 1):
+            raise TokenizerError(f"num_proc must be a positive integer (or None for every CPU), got {num_proc!r}")
         vocab = train_bpe(texts, vocab_size - len(special_tokens), pattern, min_frequency=min_frequency,
                           progress=progress, num_proc=num_proc)
         ranks = {b: i for i, b in enumerate(vocab)}
