@@ -1,6 +1,7 @@
 """Our Tokenizer as a drop-in for tiktoken.Encoding: every method against the tiktoken package on cl100k_base
 (offline), on the same inputs; property tests for round trips and special tokens; pickling; nanoGPT's data
 preparation run unchanged on our object."""
+import functools
 import multiprocessing
 import os
 import pickle
@@ -194,6 +195,17 @@ def test_text_that_is_not_str_is_a_type_error_as_in_tiktoken(ours, reference, te
             fn(ours)
     with pytest.raises(TypeError, match=f"must be str, not {type(text).__name__}"):
         ours.encode_ordinary(text)
+
+
+def test_a_tokenizer_is_hashable_as_an_encoding_is(ours, reference, small):
+    @functools.lru_cache(maxsize=None)  # code written for tiktoken caches per encoding
+    def count(enc, text: str) -> int:
+        return len(enc.encode(text))
+
+    assert count(ours, "hello world") == count(reference, "hello world") == 2
+    same = pickle.loads(pickle.dumps(small))
+    same.name = "another name"  # not part of what a tokenizer is
+    assert same == small and hash(same) == hash(small) and len({ours, small, same}) == 2
 
 @pytest.mark.parametrize("value", [1, 3, None, [104, 105], 1.5])
 def test_bytes_methods_refuse_what_is_not_bytes_as_tiktoken_does(ours, reference, value):

@@ -207,7 +207,10 @@ class Tokenizer:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tokenizer) and self.checksum == other.checksum
 
-    __hash__ = None  # type: ignore[assignment]  # mutable cache inside; compare by checksum instead
+    def __hash__(self) -> int:
+        """By checksum, like equality (the piece cache inside changes neither): a tiktoken.Encoding is hashable, and
+        code written for it keys dicts or ``lru_cache`` by the encoding."""
+        return hash(self.checksum)
 
     def __getstate__(self) -> dict:
         """Pickle the definition only (multiprocessing with spawn, datasets' map): the cache is rebuilt."""
