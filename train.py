@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -137,7 +138,11 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
     values.update(given)
     _say_what_is_ignored(values)
     if values.get("resume"):
-        values = {**_checkpoint_settings(values.get("out_dir", TrainConfig().out_dir)), **values}
+        out_dir = values.get("out_dir", TrainConfig().out_dir)
+        saved = _checkpoint_settings(out_dir)
+        if "init_from" in values:
+            _check_same_start(values["init_from"], saved.get("init_from"), out_dir)
+        values = {**saved, **values}
     if "grad_accum" in asked and values.get("total_batch_tokens") is not None:  # (a checkpoint records both)
         where = "" if "grad_accum" in given else f" (in {config_file})"
         raise ConfigError(f"--grad-accum {values['grad_accum']}{where} contradicts --total-batch-tokens "
@@ -197,6 +202,19 @@ def _pretrained_model(train: dict[str, Any], model: dict[str, Any]) -> GPTConfig
     from minigpt.hf import pretrained_config  # imports torch: only when finetuning
 
     return pretrained_config(expand_path(train["init_from"]), model)
+
+
+def _check_same_start(given: str | None, saved: str | None, out_dir: str) -> None:
+    """--resume continues the checkpoint's model: an --init-from other than the one it was finetuned from (or one
+    for a run trained from scratch) would only be recorded, wrongly, as where the model came from."""
+    def where(value: str | None) -> str | None:  # as the checkpoint records it: resolved where it is a folder
+        value = expand_path(value) if value else None
+        return os.path.abspath(value) if value and Path(value).exists() else value
+
+    if where(given) != where(saved):
+        started = f"was finetuned from {saved}" if saved else "was trained from scratch"
+        raise ConfigError(f"--init-from {given!r} contradicts the checkpoint in {out_dir}, which {started}; --resume "
+                          f"continues that model: leave --init-from out, or start a new run in another --out-dir")
 
 
 def _checkpoint_settings(out_dir: str) -> dict[str, Any]:

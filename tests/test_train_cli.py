@@ -167,6 +167,15 @@ def test_resume_with_a_different_model(setup):
     assert snapshot(out) == before
 
 
+def test_resume_refuses_an_init_from_the_checkpoint_did_not_start_from(setup, tmp_path):
+    """--init-from on --resume would change nothing but the record of where the model came from: refused, and
+    the value the checkpoint has (none here) is accepted."""
+    corpus, cache, out = setup
+    with pytest.raises(ConfigError, match="contradicts the checkpoint .* trained from scratch"):
+        TRAIN_CLI.make_config(["--resume", "--out-dir", str(out), "--init-from", str(tmp_path)])
+    assert TRAIN_CLI.make_config(["--resume", "--out-dir", str(out), "--init-from", ""]).init_from in (None, "")
+
+
 def test_resume_without_checkpoint(tmp_path):
     assert_one_line_error(run("--resume", "--out-dir", tmp_path / "none"), "no checkpoint folder")
 
