@@ -34,6 +34,22 @@ MACHINE_SETTINGS = ("out_dir", "resume", "overwrite", "device", "attention", "dt
 RUN_CONTROL = ("out_dir", "resume", "overwrite")
 # What sets the tokenizer that is trained on the data (or names the one to use instead).
 TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "pattern")
+# Settings that only shape what another setting turns on: asked for without it, they would do nothing, so they
+# are refused. name: (what it shapes, whether this config reads it, what the config has instead, what turns it on).
+SHAPES_ONLY = {
+    "decay_fraction": ("--lr-schedule wsd (its last fraction of steps decays)", lambda c: c.lr_schedule == "wsd",
+                       lambda c: f"the schedule here is {c.lr_schedule}", "--lr-schedule wsd"),
+    "min_lr": ("a schedule that decays (cosine, linear, wsd)", lambda c: c.lr_schedule != "constant",
+               lambda c: "the schedule here is constant", "--lr-schedule cosine|linear|wsd"),
+    "lr_decay_iters": ("a schedule that decays (cosine, linear, wsd)", lambda c: c.lr_schedule != "constant",
+                       lambda c: "the schedule here is constant", "--lr-schedule cosine|linear|wsd"),
+    "min_delta": ("early stopping (what counts as a better validation loss)", lambda c: c.patience is not None,
+                  lambda c: "early stopping is off", "--patience N"),
+    "muon_lr": ("--optimizer muon (the rate of the blocks' matrices)", lambda c: c.optimizer == "muon",
+                lambda c: f"the optimizer here is {c.optimizer}", "--optimizer muon"),
+    "activation": ("--mlp gelu (the exact or tanh GELU of its 4x MLP)", lambda c: c.model.mlp == "gelu",
+                   lambda c: f"the MLP here is {c.model.mlp}", "--mlp gelu"),
+}
 # What a checkpoint's config.json holds beside the settings.
 CHECKPOINT_KEYS = ("format", "version", "step", "tokenizer_checksum")
 
@@ -155,9 +171,10 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
         cfg = TrainConfig(model=_pretrained_model(train, model), **train)
     else:
         cfg = TrainConfig(model=GPTConfig(**{**TrainConfig().model.to_dict(), **model}), **train)
-    if "decay_fraction" in asked and cfg.lr_schedule != "wsd":
-        raise ConfigError(f"--decay-fraction shapes only --lr-schedule wsd (its last fraction of steps decays); the "
-                          f"schedule here is {cfg.lr_schedule}: add --lr-schedule wsd, or leave --decay-fraction out")
+    for name, (what, read, here, turn_on) in SHAPES_ONLY.items():
+        if name in asked and values[name] is not None and not read(cfg):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} shapes only {what}; {here(cfg)}: add {turn_on}, or leave {flag} out")
     return cfg
 
 

@@ -339,3 +339,23 @@ def test_decay_fraction_without_the_wsd_schedule_is_refused(setup, tmp_path):
     _, _, out = setup  # a checkpoint's config.json records every setting: its decay_fraction was not asked for
     assert TRAIN_CLI.make_config(["--config", str(out / "config.json"), "--out-dir", str(tmp_path / "new")]).lr_schedule \
         == "cosine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--min-delta", "0.1"), "--min-delta shapes only early stopping .*; early stopping is off: add --patience N"),
+    (("--muon-lr", "0.05"), "--muon-lr shapes only --optimizer muon .*; the optimizer here is adamw: add --optimizer"),
+    (("--lr-schedule", "constant", "--min-lr", "1e-4"), "--min-lr shapes only a schedule that decays"),
+    (("--lr-schedule", "constant", "--lr-decay-iters", "10"), "--lr-decay-iters shapes only .* schedule here is constant"),
+    (("--mlp", "relu2", "--activation", "gelu_tanh"), "--activation shapes only --mlp gelu .*; the MLP here is relu2"),
+])
+def test_a_setting_that_would_do_nothing_is_refused(args, message):
+    """Each of these trained as if it had not been given (and config.json recorded it as if it had applied)."""
+    with pytest.raises(ConfigError, match=message):
+        TRAIN_CLI.make_config(list(args))
+
+
+def test_the_settings_that_would_do_nothing_pass_where_they_apply():
+    cfg = TRAIN_CLI.make_config(["--min-delta", "0.1", "--patience", "2", "--optimizer", "muon", "--muon-lr", "0.05",
+                                 "--min-lr", "1e-4", "--lr-decay-iters", "10", "--activation", "gelu_tanh"])
+    assert (cfg.min_delta, cfg.muon_lr, cfg.min_lr, cfg.lr_decay_iters, cfg.model.activation) == \
+        (0.1, 0.05, 1e-4, 10, "gelu_tanh")
