@@ -133,28 +133,37 @@ class _Run:
         cfg = self.cfg
         if cfg.resume and not self.out.is_dir():
             checkpoint_dir(self.out)  # says there is no checkpoint to resume, rather than create an empty folder
+        created: list[Path] = []  # the folders made here, deepest first: removed again if a failed run left them empty
         for flag, folder in (("--out-dir", self.out), ("--data-dir", Path(cfg.data_dir or self.out / "data"))):
             if folder.exists() and not folder.is_dir():
                 raise ConfigError(f"{flag} {folder} is a file, not a folder; give a folder to write into")
+            missing = [f for f in (folder, *folder.parents) if not f.exists()]
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"cannot create {flag} {folder} ({exc.strerror or exc}); give a folder that can "
                                   f"be created and written to") from None
-        if not self.world.main:  # one lock per run, however many processes it has
-            yield
-            return
+            created = missing + created
         try:
-            with file_lock(self.out / LOCK_FILE, wait=False):
+            if not self.world.main:  # one lock per run, however many processes it has
                 yield
-        except LockHeld as held:
-            raise ConfigError(f"another run ({held.holder or 'starting up'}) is writing into {self.out}; wait for "
-                              f"it to finish, or give another --out-dir") from None
-        except OSError as exc:
-            if exc.filename != str(self.out / LOCK_FILE):
-                raise
-            raise ConfigError(f"cannot write into --out-dir {self.out} ({exc.strerror or exc}); give a folder you "
-                              f"can write to") from None
+                return
+            try:
+                with file_lock(self.out / LOCK_FILE, wait=False):
+                    yield
+            except LockHeld as held:
+                raise ConfigError(f"another run ({held.holder or 'starting up'}) is writing into {self.out}; wait "
+                                  f"for it to finish, or give another --out-dir") from None
+            except OSError as exc:
+                if exc.filename != str(self.out / LOCK_FILE):
+                    raise
+                raise ConfigError(f"cannot write into --out-dir {self.out} ({exc.strerror or exc}); give a folder "
+                                  f"you can write to") from None
+        except BaseException:
+            for folder in created:  # only empty ones go: whatever the run wrote stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
 
     def fit(self) -> Path:
         cfg = self.cfg

@@ -151,6 +151,20 @@ def test_empty_or_tiny_corpus_leaves_checkpoint_alone(setup, tmp_path, text, mes
     assert snapshot(out) == before
 
 
+def test_a_run_that_fails_at_the_start_leaves_no_empty_folders(setup, tmp_path):
+    """A missing corpus or a bad --eval-choices file stops the run before it writes anything: the output folder
+    (and its parents) that it made for itself go too, while a folder that was there before stays."""
+    corpus, cache, out = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b", "c"], "label": 2}\n')
+    for wrong in (["--data", tmp_path / "missing.txt"], ["--data", corpus, "--eval-choices", bad]):
+        assert_one_line_error(run(*TINY, *wrong, "--out-dir", tmp_path / "new" / "out"))
+        assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    assert_one_line_error(run(*TINY, "--data", tmp_path / "missing.txt", "--out-dir", tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+
+
 def test_block_size_larger_than_data(setup, tmp_path):
     corpus, cache, out = setup
     before = snapshot(out)
