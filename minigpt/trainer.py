@@ -34,8 +34,8 @@ from data.prepare import PreparedData, prepare_data
 from data.sources import open_source
 
 from .attention import choose_attention
-from .checkpoint import (BEST_DIR, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state,
-                         read_config, rng_state, save_checkpoint)
+from .checkpoint import (BEST_DIR, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, foreign_files, has_checkpoint,
+                         load_train_state, read_config, rng_state, save_checkpoint)
 from .choices import ChoiceSet, read_items
 from .config import HUB_NAME_FIELDS, PATH_FIELDS, TrainConfig, with_batch_tokens
 from .device import autocast_dtype, resolve_device
@@ -244,6 +244,10 @@ class _Run:
         if has_checkpoint(self.out) and not cfg.overwrite:
             raise ConfigError(f"{self.out} already holds a checkpoint; pass --resume to continue it, --overwrite "
                               f"to start over, or another --out-dir")
+        foreign = foreign_files(self.out)
+        if foreign:  # not even with --overwrite: it replaces a run of ours, never another model
+            raise ConfigError(f"{self.out} holds {', '.join(foreign)} but no minigpt checkpoint (a Hugging Face model "
+                              f"folder?), which a run there would overwrite; give another --out-dir")
         return None, None
 
     def _nothing_to_do(self, saved: dict[str, Any], state: TrainState) -> bool:

@@ -165,6 +165,22 @@ def test_a_run_that_fails_at_the_start_leaves_no_empty_folders(setup, tmp_path):
     assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_hugging_face_model_folder_is_never_overwritten(setup, tmp_path, overwrite):
+    """An export (or a downloaded model) has a config.json, model.safetensors and tokenizer.json as a checkpoint
+    has, but no manifest: a run given that folder as --out-dir replaced all three, without --overwrite."""
+    corpus, cache, out = setup
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name, text in (("config.json", '{"model_type": "gpt2"}'), ("model.safetensors", "weights"),
+                       ("tokenizer.json", "{}"), ("README.md", "model card")):
+        (folder / name).write_text(text)
+    before = snapshot(folder)
+    assert_one_line_error(run(*TINY, "--data", corpus, "--out-dir", folder, "--max-iters", 1, *overwrite),
+                          "model.safetensors, config.json, tokenizer.json but no minigpt checkpoint")
+    assert snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in before)
+
+
 def test_block_size_larger_than_data(setup, tmp_path):
     corpus, cache, out = setup
     before = snapshot(out)
