@@ -34,8 +34,8 @@ from data.prepare import PreparedData, prepare_data
 from data.sources import open_source
 
 from .attention import choose_attention
-from .checkpoint import (BEST_DIR, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, foreign_files, has_checkpoint,
-                         load_train_state, read_config, rng_state, save_checkpoint)
+from .checkpoint import (BEST_DIR, MANIFEST_FILE, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, foreign_files,
+                         has_checkpoint, load_train_state, read_config, rng_state, save_checkpoint)
 from .choices import ChoiceSet, read_items
 from .config import HUB_NAME_FIELDS, PATH_FIELDS, TrainConfig, with_batch_tokens
 from .device import autocast_dtype, resolve_device
@@ -88,6 +88,11 @@ def read_resume_config(out: str | Path) -> dict[str, Any]:
         return read_config(checkpoint_dir(out, RESUME_FILES))
     except CheckpointError:
         writer = _writer_of(Path(out))
+        if writer is None and Path(out).is_dir() and not any((Path(out) / name).exists() for name in RESUME_FILES) \
+                and not has_checkpoint(out):  # nothing was ever saved: a first run stopped before its first save
+            raise CheckpointError(f"{Path(out) / MANIFEST_FILE} is missing: no checkpoint was saved in {out} (a run "
+                                  f"stopped before its first evaluation leaves only its prepared data); start the run "
+                                  f"again without --resume, and it reuses the prepared tokens") from None
         if writer is None:
             raise
         raise ConfigError(f"another run ({writer}) is writing into {out} and has not saved a checkpoint yet; "

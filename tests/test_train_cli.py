@@ -375,7 +375,8 @@ def test_decay_fraction_without_the_wsd_schedule_is_refused(setup, tmp_path):
     (("--min-delta", "0.1"), "--min-delta shapes only early stopping .*; early stopping is off: add --patience N"),
     (("--muon-lr", "0.05"), "--muon-lr shapes only --optimizer muon .*; the optimizer here is adamw: add --optimizer"),
     (("--lr-schedule", "constant", "--min-lr", "1e-4"), "--min-lr shapes only a schedule that decays"),
-    (("--lr-schedule", "constant", "--lr-decay-iters", "10"), "--lr-decay-iters shapes only .* schedule here is constant"),
+    (("--lr-schedule", "constant", "--lr-decay-iters", "10"),
+     "--lr-decay-iters shapes only .* schedule here is constant"),
     (("--mlp", "relu2", "--activation", "gelu_tanh"), "--activation shapes only --mlp gelu .*; the MLP here is relu2"),
 ])
 def test_a_setting_that_would_do_nothing_is_refused(args, message):

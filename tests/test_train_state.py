@@ -236,7 +236,8 @@ def test_resume_while_the_first_run_has_not_saved_says_another_run_is_writing(tm
         with pytest.raises(ConfigError, match=r"another run \(pid \d+ on .*\) is writing into .*starting and has "
                                               r"not saved a checkpoint yet"):
             train_cli.make_config(["--resume", "--out-dir", str(out)])
-    with pytest.raises(CheckpointError, match="manifest.json is missing"):  # no run there: what is missing
+    with pytest.raises(CheckpointError, match="manifest.json is missing: no checkpoint was saved in .*starting "
+                                              ".* start the run again without --resume"):  # no run there, nor any save
         train_cli.make_config(["--resume", "--out-dir", str(out)])
 
 
