@@ -220,8 +220,10 @@ def evaluate_choices(args, items, model, tokenizer, config, device, autocast) ->
     with autocast:
         result = choices.score(model, batch_size, device, progress=True)
     if result["cut"]:
+        whole = (f"; in {choices.choices_cut} a choice alone was that long, and only its last tokens were scored"
+                 if choices.choices_cut else "")
         print(f"note: {result['cut']} of {result['n']} items were longer than the model's context of "
-              f"{model.config.block_size} tokens; their contexts were cut from the left", file=sys.stderr)
+              f"{model.config.block_size} tokens; their contexts were cut from the left{whole}", file=sys.stderr)
     if args.json:
         print(json.dumps({**result, "file": args.eval_choices}))
     else:
