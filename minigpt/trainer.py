@@ -216,7 +216,12 @@ class _Run:
         self.loaders = self.make_loaders(cfg.seed)
         self.records: list[dict[str, Any]] = []
         if state is not None:
-            load_train_state(self.out, self.model, self.optimizer)  # weights and moments; the rest is `state`
+            # weights and moments (the rest is `state`); the saved parameter groups would bring back the first run's
+            # weight decay, betas and Muon's rate, so this run's (the checkpoint's unless given again) are kept
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+            load_train_state(self.out, self.model, self.optimizer)
+            for group, own in zip(self.optimizer.param_groups, settings):
+                group.update(own)
             state.apply(self)
             if self.world.main:
                 self.records = _read_metrics(self.out / METRICS_FILE, self.step)
