@@ -158,6 +158,11 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
         saved = _checkpoint_settings(out_dir)
         if "init_from" in values:
             _check_same_start(values["init_from"], saved.get("init_from"), out_dir)
+        if "seed" in values and values["seed"] != saved.get("seed", values["seed"]):
+            raise ConfigError(f"--seed {values['seed']} contradicts the checkpoint in {out_dir}, trained with --seed "
+                              f"{saved['seed']}: --resume continues the random streams saved there (dropout, batches), "
+                              f"so it would change only the record; leave --seed out, or start a new run in another "
+                              f"--out-dir")
         values = {**saved, **values}
     if "grad_accum" in asked and values.get("total_batch_tokens") is not None:  # (a checkpoint records both)
         where = "" if "grad_accum" in given else f" (in {config_file})"

@@ -206,6 +206,14 @@ def test_resume_refuses_an_init_from_the_checkpoint_did_not_start_from(setup, tm
     assert TRAIN_CLI.make_config(["--resume", "--out-dir", str(out), "--init-from", ""]).init_from in (None, "")
 
 
+def test_resume_refuses_another_seed(setup):
+    """The resumed run continues the checkpoint's random streams: another --seed changed only config.json."""
+    corpus, cache, out = setup
+    with pytest.raises(ConfigError, match="--seed 5 contradicts the checkpoint .* trained with --seed 1337"):
+        TRAIN_CLI.make_config(["--resume", "--out-dir", str(out), "--seed", "5"])
+    assert TRAIN_CLI.make_config(["--resume", "--out-dir", str(out), "--seed", "1337"]).seed == 1337
+
+
 def test_resume_without_checkpoint(tmp_path):
     assert_one_line_error(run("--resume", "--out-dir", tmp_path / "none"), "no checkpoint folder")
 
