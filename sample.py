@@ -99,6 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What each use of sample.py reads (the rest: --out-dir/--init-from, --device, --dtype, --attention, --quantize,
+# --json, read by all). A flag given to a use that does not read it is refused, never silently dropped.
+USES = {
+    "sampling": ("prompt", "prompt_file", "allow_special", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                 "num_samples", "stop", "no_cache", "compile"),
+    "--eval": ("eval", "allow_special", "block_size", "batch_size", "eval_batches", "text_field", "errors"),
+    "--eval-choices": ("eval_choices", "batch_size", "limit"),
+}
+
+
+def check_flags_apply(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A one-line error for flags given (different from their defaults) that this use of sample.py would ignore."""
+    use = "--eval" if args.eval else "--eval-choices" if args.eval_choices else "sampling"
+    unread = [name for name in dict.fromkeys(n for names in USES.values() for n in names)
+              if name not in USES[use] and getattr(args, name) != parser.get_default(name)]
+    if unread:
+        flags = " ".join("--" + name.replace("_", "-") for name in unread)
+        raise ConfigError(f"{flags} {'does' if len(unread) == 1 else 'do'} nothing for {use}"
+                          f"{' (without --eval or --eval-choices)' if use == 'sampling' else ''}; leave "
+                          f"{'it' if len(unread) == 1 else 'them'} out")
+
+
 def unescape(text: str) -> str:
     """`--stop "\\n\\n"` means two newlines, as a shell cannot easily pass them; other characters pass unchanged."""
     with warnings.catch_warnings():  # an unknown escape such as \\d stays as it is, without a warning
@@ -120,7 +142,8 @@ def read_text(path: str, what: str) -> str:
 
 
 def main() -> int:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
     for name, low in (("max_new_tokens", 0), ("num_samples", 1), ("block_size", 1), ("batch_size", 1),
                       ("eval_batches", 1), ("limit", 1)):
         value = getattr(args, name)
@@ -128,8 +151,6 @@ def main() -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     if "" in args.stop:
         raise ConfigError('--stop "" would stop before the first token; give the text to stop at, or no --stop')
-    if args.seed is None:  # drawn here, so that --json can record it and any sample can be made again
-        args.seed = random.SystemRandom().randrange(2 ** 31)
     if args.eval and args.eval_choices:
         raise ConfigError("give --eval or --eval-choices, not both")
     if args.compile and args.no_cache:
@@ -138,6 +159,9 @@ def main() -> int:
     if args.compile and (args.eval or args.eval_choices):
         raise ConfigError(f"--compile is for sampling (it compiles the decoding step); leave it out with "
                           f"{'--eval' if args.eval else '--eval-choices'}")
+    check_flags_apply(parser, args)
+    if args.seed is None:  # drawn here, so that --json can record it and any sample can be made again
+        args.seed = random.SystemRandom().randrange(2 ** 31)
     if args.eval_choices:
         from minigpt.choices import read_items
 
@@ -196,8 +220,10 @@ def evaluate_choices(args, items, model, tokenizer, config, device, autocast) ->
     with autocast:
         result = choices.score(model, batch_size, device, progress=True)
     if result["cut"]:
+        whole = (f"; in {choices.choices_cut} a choice alone was that long, and only its last tokens were scored"
+                 if choices.choices_cut else "")
         print(f"note: {result['cut']} of {result['n']} items were longer than the model's context of "
-              f"{model.config.block_size} tokens; their contexts were cut from the left", file=sys.stderr)
+              f"{model.config.block_size} tokens; their contexts were cut from the left{whole}", file=sys.stderr)
     if args.json:
         print(json.dumps({**result, "file": args.eval_choices}))
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -33,6 +34,22 @@ MACHINE_SETTINGS = ("out_dir", "resume", "overwrite", "device", "attention", "dt
 RUN_CONTROL = ("out_dir", "resume", "overwrite")
 # What sets the tokenizer that is trained on the data (or names the one to use instead).
 TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "pattern")
+# Settings that only shape what another setting turns on: asked for without it, they would do nothing, so they
+# are refused. name: (what it shapes, whether this config reads it, what the config has instead, what turns it on).
+SHAPES_ONLY = {
+    "decay_fraction": ("--lr-schedule wsd (its last fraction of steps decays)", lambda c: c.lr_schedule == "wsd",
+                       lambda c: f"the schedule here is {c.lr_schedule}", "--lr-schedule wsd"),
+    "min_lr": ("a schedule that decays (cosine, linear, wsd)", lambda c: c.lr_schedule != "constant",
+               lambda c: "the schedule here is constant", "--lr-schedule cosine|linear|wsd"),
+    "lr_decay_iters": ("a schedule that decays (cosine, linear, wsd)", lambda c: c.lr_schedule != "constant",
+                       lambda c: "the schedule here is constant", "--lr-schedule cosine|linear|wsd"),
+    "min_delta": ("early stopping (what counts as a better validation loss)", lambda c: c.patience is not None,
+                  lambda c: "early stopping is off", "--patience N"),
+    "muon_lr": ("--optimizer muon (the rate of the blocks' matrices)", lambda c: c.optimizer == "muon",
+                lambda c: f"the optimizer here is {c.optimizer}", "--optimizer muon"),
+    "activation": ("--mlp gelu (the exact or tanh GELU of its 4x MLP)", lambda c: c.model.mlp == "gelu",
+                   lambda c: f"the MLP here is {c.model.mlp}", "--mlp gelu"),
+}
 # What a checkpoint's config.json holds beside the settings.
 CHECKPOINT_KEYS = ("format", "version", "step", "tokenizer_checksum")
 
@@ -137,7 +154,16 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
     values.update(given)
     _say_what_is_ignored(values)
     if values.get("resume"):
-        values = {**_checkpoint_settings(values.get("out_dir", TrainConfig().out_dir)), **values}
+        out_dir = values.get("out_dir", TrainConfig().out_dir)
+        saved = _checkpoint_settings(out_dir)
+        if "init_from" in values:
+            _check_same_start(values["init_from"], saved.get("init_from"), out_dir)
+        if "seed" in values and values["seed"] != saved.get("seed", values["seed"]):
+            raise ConfigError(f"--seed {values['seed']} contradicts the checkpoint in {out_dir}, trained with --seed "
+                              f"{saved['seed']}: --resume continues the random streams saved there (dropout, batches), "
+                              f"so it would change only the record; leave --seed out, or start a new run in another "
+                              f"--out-dir")
+        values = {**saved, **values}
     if "grad_accum" in asked and values.get("total_batch_tokens") is not None:  # (a checkpoint records both)
         where = "" if "grad_accum" in given else f" (in {config_file})"
         raise ConfigError(f"--grad-accum {values['grad_accum']}{where} contradicts --total-batch-tokens "
@@ -150,9 +176,10 @@ def make_config(argv: list[str] | None = None) -> TrainConfig:
         cfg = TrainConfig(model=_pretrained_model(train, model), **train)
     else:
         cfg = TrainConfig(model=GPTConfig(**{**TrainConfig().model.to_dict(), **model}), **train)
-    if "decay_fraction" in asked and cfg.lr_schedule != "wsd":
-        raise ConfigError(f"--decay-fraction shapes only --lr-schedule wsd (its last fraction of steps decays); the "
-                          f"schedule here is {cfg.lr_schedule}: add --lr-schedule wsd, or leave --decay-fraction out")
+    for name, (what, read, here, turn_on) in SHAPES_ONLY.items():
+        if name in asked and values[name] is not None and not read(cfg):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} shapes only {what}; {here(cfg)}: add {turn_on}, or leave {flag} out")
     return cfg
 
 
@@ -197,6 +224,19 @@ def _pretrained_model(train: dict[str, Any], model: dict[str, Any]) -> GPTConfig
     from minigpt.hf import pretrained_config  # imports torch: only when finetuning
 
     return pretrained_config(expand_path(train["init_from"]), model)
+
+
+def _check_same_start(given: str | None, saved: str | None, out_dir: str) -> None:
+    """--resume continues the checkpoint's model: an --init-from other than the one it was finetuned from (or one
+    for a run trained from scratch) would only be recorded, wrongly, as where the model came from."""
+    def where(value: str | None) -> str | None:  # as the checkpoint records it: resolved where it is a folder
+        value = expand_path(value) if value else None
+        return os.path.abspath(value) if value and Path(value).exists() else value
+
+    if where(given) != where(saved):
+        started = f"was finetuned from {saved}" if saved else "was trained from scratch"
+        raise ConfigError(f"--init-from {given!r} contradicts the checkpoint in {out_dir}, which {started}; --resume "
+                          f"continues that model: leave --init-from out, or start a new run in another --out-dir")
 
 
 def _checkpoint_settings(out_dir: str) -> dict[str, Any]:

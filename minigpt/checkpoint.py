@@ -165,6 +165,21 @@ def has_checkpoint(directory: str | Path) -> bool:
     return (directory / MANIFEST_FILE).exists() or (directory / BACKUP_DIR / MANIFEST_FILE).exists()
 
 
+def foreign_files(directory: str | Path) -> list[str]:
+    """The files in `directory` that a save would replace although no minigpt run wrote them (a Hugging Face model
+    folder, downloaded or exported, holds a config.json, model.safetensors and tokenizer.json too); none when it
+    holds a checkpoint, or a save that was cut short (its config.json, written first, is ours)."""
+    directory = Path(directory)
+    present = [name for name in RESUME_FILES if (directory / name).exists()]
+    if not present or has_checkpoint(directory):
+        return []
+    try:
+        ours = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    return [] if ours else present
+
+
 def checkpoint_dir(directory: str | Path, needed: tuple[str, ...] = MODEL_FILES) -> Path:
     """The folder holding a complete copy of the checkpoint in `directory`: itself, or its backup after a
     save that was killed half-way. Raises CheckpointError saying what is missing or corrupt."""

@@ -12,8 +12,9 @@ HellaSwag, and so as to give their numbers for the same model (GPT-2 124M: acc 0
   the first choice.
 
 A row longer than the model's context keeps its last tokens: the context is cut from the left, and the item is
-counted in `cut`. An empty context becomes the end-of-text token (the start of every document in training); with
-a tokenizer that has none, an item with an empty context is refused.
+counted in `cut` (and in `choices_cut` when a choice alone is that long: only its last tokens are scored). An
+empty context becomes the end-of-text token (the start of every document in training); with a tokenizer that has
+none, an item with an empty context is refused.
 
 Rows of all items are scored in batches of similar length: sorted by length, padded on the right. Padding after
 a row's end cannot change what the row's own positions see (attention is causal), so a batch gives each row
@@ -117,6 +118,7 @@ class ChoiceSet:
         self.items = items
         self.rows: list[_Row] = []
         self.cut = 0  # items with at least one row cut to the model's context
+        self.choices_cut = 0  # of those, items with a choice longer than the context: scored on its last tokens only
         keep = context_len + 1  # the model reads tokens[:-1]: at most context_len of them
         start = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
         for i, item in enumerate(items):
@@ -125,15 +127,17 @@ class ChoiceSet:
                 raise MinigptError(f"{item.where or f'item {i + 1}'}: the context is empty, and the tokenizer has "
                                    f"no end-of-text token to begin it with; give the item a context, or use a "
                                    f"tokenizer with <|endoftext|>")
-            cut = False
+            cut = choice_cut = False
             for c, choice in enumerate(item.choices):
                 tokens = context + tokenizer.encode_ordinary(" " + choice)
                 first = len(context)
                 if len(tokens) > keep:
                     first -= len(tokens) - keep
                     tokens, cut = tokens[-keep:], True
+                choice_cut |= first < 1
                 self.rows.append(_Row(i, c, tuple(tokens), max(first, 1)))
             self.cut += cut
+            self.choices_cut += choice_cut
 
     @torch.no_grad()
     def choice_scores(self, model: torch.nn.Module, batch_size: int, device: str | torch.device = "cpu",

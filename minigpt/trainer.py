@@ -34,8 +34,8 @@ from data.prepare import PreparedData, prepare_data
 from data.sources import open_source
 
 from .attention import choose_attention
-from .checkpoint import (BEST_DIR, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, has_checkpoint, load_train_state,
-                         read_config, rng_state, save_checkpoint)
+from .checkpoint import (BEST_DIR, MANIFEST_FILE, RESUME_FILES, TOKENIZER_FILE, checkpoint_dir, foreign_files,
+                         has_checkpoint, load_train_state, read_config, rng_state, save_checkpoint)
 from .choices import ChoiceSet, read_items
 from .config import HUB_NAME_FIELDS, PATH_FIELDS, TrainConfig, with_batch_tokens
 from .device import autocast_dtype, resolve_device
@@ -88,6 +88,11 @@ def read_resume_config(out: str | Path) -> dict[str, Any]:
         return read_config(checkpoint_dir(out, RESUME_FILES))
     except CheckpointError:
         writer = _writer_of(Path(out))
+        if writer is None and Path(out).is_dir() and not any((Path(out) / name).exists() for name in RESUME_FILES) \
+                and not has_checkpoint(out):  # nothing was ever saved: a first run stopped before its first save
+            raise CheckpointError(f"{Path(out) / MANIFEST_FILE} is missing: no checkpoint was saved in {out} (a run "
+                                  f"stopped before its first evaluation leaves only its prepared data); start the run "
+                                  f"again without --resume, and it reuses the prepared tokens") from None
         if writer is None:
             raise
         raise ConfigError(f"another run ({writer}) is writing into {out} and has not saved a checkpoint yet; "
@@ -133,28 +138,37 @@ class _Run:
         cfg = self.cfg
         if cfg.resume and not self.out.is_dir():
             checkpoint_dir(self.out)  # says there is no checkpoint to resume, rather than create an empty folder
+        created: list[Path] = []  # the folders made here, deepest first: removed again if a failed run left them empty
         for flag, folder in (("--out-dir", self.out), ("--data-dir", Path(cfg.data_dir or self.out / "data"))):
             if folder.exists() and not folder.is_dir():
                 raise ConfigError(f"{flag} {folder} is a file, not a folder; give a folder to write into")
+            missing = [f for f in (folder, *folder.parents) if not f.exists()]
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"cannot create {flag} {folder} ({exc.strerror or exc}); give a folder that can "
                                   f"be created and written to") from None
-        if not self.world.main:  # one lock per run, however many processes it has
-            yield
-            return
+            created = missing + created
         try:
-            with file_lock(self.out / LOCK_FILE, wait=False):
+            if not self.world.main:  # one lock per run, however many processes it has
                 yield
-        except LockHeld as held:
-            raise ConfigError(f"another run ({held.holder or 'starting up'}) is writing into {self.out}; wait for "
-                              f"it to finish, or give another --out-dir") from None
-        except OSError as exc:
-            if exc.filename != str(self.out / LOCK_FILE):
-                raise
-            raise ConfigError(f"cannot write into --out-dir {self.out} ({exc.strerror or exc}); give a folder you "
-                              f"can write to") from None
+                return
+            try:
+                with file_lock(self.out / LOCK_FILE, wait=False):
+                    yield
+            except LockHeld as held:
+                raise ConfigError(f"another run ({held.holder or 'starting up'}) is writing into {self.out}; wait "
+                                  f"for it to finish, or give another --out-dir") from None
+            except OSError as exc:
+                if exc.filename != str(self.out / LOCK_FILE):
+                    raise
+                raise ConfigError(f"cannot write into --out-dir {self.out} ({exc.strerror or exc}); give a folder "
+                                  f"you can write to") from None
+        except BaseException:
+            for folder in created:  # only empty ones go: whatever the run wrote stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
 
     def fit(self) -> Path:
         cfg = self.cfg
@@ -202,7 +216,12 @@ class _Run:
         self.loaders = self.make_loaders(cfg.seed)
         self.records: list[dict[str, Any]] = []
         if state is not None:
-            load_train_state(self.out, self.model, self.optimizer)  # weights and moments; the rest is `state`
+            # weights and moments (the rest is `state`); the saved parameter groups would bring back the first run's
+            # weight decay, betas and Muon's rate, so this run's (the checkpoint's unless given again) are kept
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+            load_train_state(self.out, self.model, self.optimizer)
+            for group, own in zip(self.optimizer.param_groups, settings):
+                group.update(own)
             state.apply(self)
             if self.world.main:
                 self.records = _read_metrics(self.out / METRICS_FILE, self.step)
@@ -235,6 +254,10 @@ class _Run:
         if has_checkpoint(self.out) and not cfg.overwrite:
             raise ConfigError(f"{self.out} already holds a checkpoint; pass --resume to continue it, --overwrite "
                               f"to start over, or another --out-dir")
+        foreign = foreign_files(self.out)
+        if foreign:  # not even with --overwrite: it replaces a run of ours, never another model
+            raise ConfigError(f"{self.out} holds {', '.join(foreign)} but no minigpt checkpoint (a Hugging Face model "
+                              f"folder?), which a run there would overwrite; give another --out-dir")
         return None, None
 
     def _nothing_to_do(self, saved: dict[str, Any], state: TrainState) -> bool:

@@ -144,6 +144,21 @@ def test_imported_gpt2_scores_as_transformers_does(gpt2_dir, tmp_path):
     assert limited["n"] == 5
 
 
+def test_a_choice_longer_than_the_context_is_said_to_be_scored_on_its_last_tokens(gpt2_dir, tmp_path):
+    """The note said every cut item had its context cut, also when a choice alone filled the context and lost its
+    first tokens (so that its sum covers only part of it)."""
+    long = " ".join(["word"] * 60)
+    items = [Item("A man", (long, "sits."), 1), Item(long, ("runs.", "sits."), 0), Item("A cat", ("x", "y"), 0)]
+    choices = ChoiceSet(items, Tokenizer.from_huggingface(gpt2_dir), 24)
+    assert (choices.cut, choices.choices_cut) == (2, 1)
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps({"context": i.context, "choices": list(i.choices), "label": i.label}) + "\n"
+                            for i in items))
+    result = cli(sample_cli(), "--init-from", str(gpt2_dir), "--eval-choices", str(path), "--json")
+    assert "2 of 3 items were longer than the model's context of 24" in result.stderr
+    assert "in 1 a choice alone was that long, and only its last tokens were scored" in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------- reading files
 def test_both_forms_blank_lines_string_labels_and_limit(tmp_path):
     path = tmp_path / "items.jsonl"

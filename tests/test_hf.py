@@ -148,7 +148,7 @@ def test_unreachable_hub_name_says_what_to_do(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- finetuning
-def test_finetune_from_pretrained_crops_positions_and_resumes(gpt2_dir, tmp_path):
+def test_finetune_from_pretrained_crops_positions_and_resumes(gpt2_dir, tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.txt", sentences=400)
     out = tmp_path / "ft"
     common = ["--init-from", str(gpt2_dir), "--data", str(corpus), "--out-dir", str(out), "--batch-size", "2",
@@ -173,6 +173,10 @@ def test_finetune_from_pretrained_crops_positions_and_resumes(gpt2_dir, tmp_path
         assert (model(idx)[0] - reference(gpt2_dir)(idx).logits).abs().max() <= 1e-4
     resumed = train_cli.make_config(["--resume", "--out-dir", str(out), "--max-iters", "2", "--no-progress"])
     assert resumed.init_from == str(gpt2_dir) and resumed.model.block_size == 16
+    with pytest.raises(ConfigError, match=f"contradicts the checkpoint .* finetuned from {gpt2_dir}"):
+        train_cli.make_config(["--resume", "--out-dir", str(out), "--init-from", str(tmp_path)])
+    monkeypatch.chdir(gpt2_dir.parent)  # the same folder given relative to where the command runs is the same start
+    assert train_cli.make_config(["--resume", "--out-dir", str(out), "--init-from", gpt2_dir.name]).init_from
     train(resumed)
     assert json.loads((out / "train_state.json").read_text())["step"] == 2
     # and the finetuned model goes back to transformers: its ids (the file's numbering) and its logits

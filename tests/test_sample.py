@@ -383,3 +383,18 @@ def test_compile_samples_what_eager_samples(run_dir, monkeypatch):
 ])
 def test_compile_refuses_what_it_cannot_compile(run_dir, args, expected):
     one_line_error(sample(run_dir, *args), expected)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--eval", "t.txt", "--prompt", "x", "--temperature", "0"), "--prompt --temperature do nothing for --eval;"),
+    (("--eval", "t.txt", "--seed", "1"), "--seed does nothing for --eval;"),
+    (("--eval", "t.txt", "--limit", "3"), "--limit does nothing for --eval;"),
+    (("--eval-choices", "c.jsonl", "--block-size", "8"), "--block-size does nothing for --eval-choices;"),
+    (("--eval-choices", "c.jsonl", "--max-new-tokens", "5", "--allow-special"), "--allow-special --max-new-tokens do"),
+    (("--limit", "3",), "--limit does nothing for sampling (without --eval or --eval-choices); leave it out"),
+    (("--block-size", "8", "--batch-size", "2"), "--block-size --batch-size do nothing for sampling"),
+])
+def test_a_flag_the_use_does_not_read_is_refused_not_dropped(run_dir, args, expected):
+    """sample.py samples, evaluates a text (--eval) or scores choices (--eval-choices); a flag of another use would
+    have been ignored without a word (a --prompt beside --eval, a --block-size beside --eval-choices)."""
+    one_line_error(sample(run_dir, *args), expected)

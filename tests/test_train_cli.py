@@ -151,6 +151,36 @@ def test_empty_or_tiny_corpus_leaves_checkpoint_alone(setup, tmp_path, text, mes
     assert snapshot(out) == before
 
 
+def test_a_run_that_fails_at_the_start_leaves_no_empty_folders(setup, tmp_path):
+    """A missing corpus or a bad --eval-choices file stops the run before it writes anything: the output folder
+    (and its parents) that it made for itself go too, while a folder that was there before stays."""
+    corpus, cache, out = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b", "c"], "label": 2}\n')
+    for wrong in (["--data", tmp_path / "missing.txt"], ["--data", corpus, "--eval-choices", bad]):
+        assert_one_line_error(run(*TINY, *wrong, "--out-dir", tmp_path / "new" / "out"))
+        assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    assert_one_line_error(run(*TINY, "--data", tmp_path / "missing.txt", "--out-dir", tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_hugging_face_model_folder_is_never_overwritten(setup, tmp_path, overwrite):
+    """An export (or a downloaded model) has a config.json, model.safetensors and tokenizer.json as a checkpoint
+    has, but no manifest: a run given that folder as --out-dir replaced all three, without --overwrite."""
+    corpus, cache, out = setup
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name, text in (("config.json", '{"model_type": "gpt2"}'), ("model.safetensors", "weights"),
+                       ("tokenizer.json", "{}"), ("README.md", "model card")):
+        (folder / name).write_text(text)
+    before = snapshot(folder)
+    assert_one_line_error(run(*TINY, "--data", corpus, "--out-dir", folder, "--max-iters", 1, *overwrite),
+                          "model.safetensors, config.json, tokenizer.json but no minigpt checkpoint")
+    assert snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in before)
+
+
 def test_block_size_larger_than_data(setup, tmp_path):
     corpus, cache, out = setup
     before = snapshot(out)
@@ -165,6 +195,23 @@ def test_resume_with_a_different_model(setup):
     assert_one_line_error(run("--resume", "--out-dir", out, "--n-embd", 64, "--no-progress"),
                           "different model", "n_embd=32")
     assert snapshot(out) == before
+
+
+def test_resume_refuses_an_init_from_the_checkpoint_did_not_start_from(setup, tmp_path):
+    """--init-from on --resume would change nothing but the record of where the model came from: refused, and
+    the value the checkpoint has (none here) is accepted."""
+    corpus, cache, out = setup
+    with pytest.raises(ConfigError, match="contradicts the checkpoint .* trained from scratch"):
+        TRAIN_CLI.make_config(["--resume", "--out-dir", str(out), "--init-from", str(tmp_path)])
+    assert TRAIN_CLI.make_config(["--resume", "--out-dir", str(out), "--init-from", ""]).init_from in (None, "")
+
+
+def test_resume_refuses_another_seed(setup):
+    """The resumed run continues the checkpoint's random streams: another --seed changed only config.json."""
+    corpus, cache, out = setup
+    with pytest.raises(ConfigError, match="--seed 5 contradicts the checkpoint .* trained with --seed 1337"):
+        TRAIN_CLI.make_config(["--resume", "--out-dir", str(out), "--seed", "5"])
+    assert TRAIN_CLI.make_config(["--resume", "--out-dir", str(out), "--seed", "1337"]).seed == 1337
 
 
 def test_resume_without_checkpoint(tmp_path):
@@ -330,3 +377,24 @@ def test_decay_fraction_without_the_wsd_schedule_is_refused(setup, tmp_path):
     _, _, out = setup  # a checkpoint's config.json records every setting: its decay_fraction was not asked for
     assert TRAIN_CLI.make_config(["--config", str(out / "config.json"), "--out-dir", str(tmp_path / "new")]).lr_schedule \
         == "cosine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--min-delta", "0.1"), "--min-delta shapes only early stopping .*; early stopping is off: add --patience N"),
+    (("--muon-lr", "0.05"), "--muon-lr shapes only --optimizer muon .*; the optimizer here is adamw: add --optimizer"),
+    (("--lr-schedule", "constant", "--min-lr", "1e-4"), "--min-lr shapes only a schedule that decays"),
+    (("--lr-schedule", "constant", "--lr-decay-iters", "10"),
+     "--lr-decay-iters shapes only .* schedule here is constant"),
+    (("--mlp", "relu2", "--activation", "gelu_tanh"), "--activation shapes only --mlp gelu .*; the MLP here is relu2"),
+])
+def test_a_setting_that_would_do_nothing_is_refused(args, message):
+    """Each of these trained as if it had not been given (and config.json recorded it as if it had applied)."""
+    with pytest.raises(ConfigError, match=message):
+        TRAIN_CLI.make_config(list(args))
+
+
+def test_the_settings_that_would_do_nothing_pass_where_they_apply():
+    cfg = TRAIN_CLI.make_config(["--min-delta", "0.1", "--patience", "2", "--optimizer", "muon", "--muon-lr", "0.05",
+                                 "--min-lr", "1e-4", "--lr-decay-iters", "10", "--activation", "gelu_tanh"])
+    assert (cfg.min_delta, cfg.muon_lr, cfg.min_lr, cfg.lr_decay_iters, cfg.model.activation) == \
+        (0.1, 0.05, 1e-4, 10, "gelu_tanh")

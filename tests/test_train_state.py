@@ -236,7 +236,8 @@ def test_resume_while_the_first_run_has_not_saved_says_another_run_is_writing(tm
         with pytest.raises(ConfigError, match=r"another run \(pid \d+ on .*\) is writing into .*starting and has "
                                               r"not saved a checkpoint yet"):
             train_cli.make_config(["--resume", "--out-dir", str(out)])
-    with pytest.raises(CheckpointError, match="manifest.json is missing"):  # no run there: what is missing
+    with pytest.raises(CheckpointError, match="manifest.json is missing: no checkpoint was saved in .*starting "
+                                              ".* start the run again without --resume"):  # no run there, nor any save
         train_cli.make_config(["--resume", "--out-dir", str(out)])
 
 
@@ -245,3 +246,14 @@ def test_the_state_records_the_best_step_and_the_prepared_tokens(tmp_path, corpu
     state = TrainState.read(out)
     assert state.best_step == 2 and math.isfinite(state.best_val_loss)
     assert state.prepared_data == str(next((corpus[1]).glob("corpus-*")).resolve())
+
+
+def test_optimizer_settings_given_on_resume_apply(tmp_path, corpus):
+    """The optimizer's parameter groups in the checkpoint carried the first run's weight decay and betas, and
+    loading them undid the new values, while config.json recorded the new ones."""
+    out = train(tiny_config(*corpus, tmp_path / "run", max_iters=2, eval_interval=2))
+    train(tiny_config(*corpus, out, max_iters=3, eval_interval=3, resume=True, weight_decay=0.5, beta1=0.8,
+                      beta2=0.9))
+    groups = state_json(out)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.5, (0.8, 0.9)), (0.0, (0.8, 0.9))]
+    assert read_config(out)["train"]["weight_decay"] == 0.5
