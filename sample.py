@@ -128,6 +128,8 @@ def main() -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     if "" in args.stop:
         raise ConfigError('--stop "" would stop before the first token; give the text to stop at, or no --stop')
+    if args.seed is not None and not -2 ** 63 <= args.seed < 2 ** 64:
+        raise ConfigError(f"--seed must be in [-2**63, 2**64 - 1] (torch's seeds), got {args.seed}")
     if args.seed is None:  # drawn here, so that --json can record it and any sample can be made again
         args.seed = random.SystemRandom().randrange(2 ** 31)
     if args.eval and args.eval_choices:

@@ -195,6 +195,7 @@ def test_eval_reads_what_train_py_reads_and_scores_a_file_shorter_than_a_block(r
     (("--top-p", "0"), "top_p"),
     (("--top-p", "1.5"), "top_p"),
     (("--max-new-tokens", "-1"), "max-new-tokens"),
+    (("--seed", str(2 ** 64)), "--seed"),  # beyond torch's seeds: was a ValueError traceback
     (("--bogus-flag",), "unrecognized"),
 ])
 def test_bad_sampling_arguments_give_one_line(run_dir, args, expected):
