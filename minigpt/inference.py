@@ -26,6 +26,7 @@ class LoadedModel:
     config: dict[str, Any]  # the checkpoint's config.json ({"model": ...} alone for a pretrained model)
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast's dtype; None: float32
+    parameters: int  # the model's, counted before int8 packs the Linear weights out of .parameters()
     compile: bool = False  # decode with the engine's compiled step (CUDA graphs on a GPU)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -58,9 +59,10 @@ def load_for_inference(out_dir: str | None, init_from: str | None, device: str =
         from .checkpoint import load_model
 
         model, tokenizer, config = load_model(out_dir, where)
+    parameters = model.num_parameters()
     if quantize is not None:
         from .quantize import quantize_int8
 
         model = quantize_int8(model)
     model.attention = choose_attention(attention, model.config, where, training=False)
-    return LoadedModel(model, tokenizer, config, where, amp_dtype, compile)
+    return LoadedModel(model, tokenizer, config, where, amp_dtype, parameters, compile)

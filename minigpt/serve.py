@@ -93,7 +93,8 @@ def main() -> int:
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {model_id} ({model.num_parameters():,} parameters, {loaded.device}) at http://{shown}:{port}  "
+    int8 = ", int8" if args.quantize else ""
+    print(f"serving {model_id} ({loaded.parameters:,} parameters{int8}, {loaded.device}) at http://{shown}:{port}  "
           f"(OpenAI API under /v1; Ctrl-C to stop)", flush=True)
     server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1), app.state.worker, args.grace)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again so that a default handler can

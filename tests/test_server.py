@@ -483,6 +483,26 @@ def test_bad_command_lines_fail_in_one_line(args, words, tmp_path, monkeypatch, 
     assert exit_.value.code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err
 
 
+def test_the_start_line_counts_an_int8_models_parameters_as_its_float_ones(checkpoint, monkeypatch, capsys):
+    """torch's dynamic quantization turns Linear weights into packed int8 buffers that .parameters() no longer
+    lists: the start line said 33,408 parameters for a 132,864-parameter model."""
+    from minigpt import serve
+
+    monkeypatch.setattr(serve._Server, "run", lambda self, sockets: None)  # print the start line, serve nothing
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    counts = []
+    try:
+        for flags in ([], ["--quantize", "int8"]):
+            with mock.patch.object(sys, "argv", ["serve", str(checkpoint), "--port", "0", "--device", "cpu", *flags]):
+                assert serve.main() == 0
+            counts.append(re.search(r"\(([\d,]+) parameters", capsys.readouterr().out).group(1))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    model, _, _ = load_model(checkpoint, torch.device("cpu"))
+    assert counts == [f"{model.num_parameters():,}"] * 2
+
+
 def test_the_model_id_is_the_folders_name_and_a_best_subfolder_says_whose(tmp_path, monkeypatch):
     from minigpt.serve import name_of
 
