@@ -226,6 +226,11 @@ def test_missing_and_corrupt_checkpoints(run_dir, tmp_path):
     one_line_error(sample(broken), "model.safetensors")
 
 
+def test_a_hugging_face_folder_as_out_dir_is_told_to_use_init_from(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+    one_line_error(sample(tmp_path), "Hugging Face", f"--init-from {tmp_path}")
+
+
 def test_tokenizer_that_does_not_belong_to_the_model(run_dir, tmp_path):
     from tokenizer import Tokenizer
 

@@ -503,6 +503,21 @@ def test_the_start_line_counts_an_int8_models_parameters_as_its_float_ones(check
     assert counts == [f"{model.num_parameters():,}"] * 2
 
 
+def test_a_hugging_face_folder_given_as_the_checkpoint_folder_is_told_to_use_init_from(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """`serve hf_out` (say, what minigpt.export wrote) said "manifest.json is missing; is hf_out a checkpoint folder
+    written by train.py?", which does not say that --init-from reads it."""
+    from minigpt import serve
+
+    (tmp_path / "hf_out").mkdir()
+    (tmp_path / "hf_out" / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+    monkeypatch.chdir(tmp_path)
+    with mock.patch.object(sys, "argv", ["serve", "hf_out"]), pytest.raises(SystemExit) as exit_:
+        serve.run_cli(serve.main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--init-from hf_out" in err, err
+
+
 def test_the_model_id_is_the_folders_name_and_a_best_subfolder_says_whose(tmp_path, monkeypatch):
     from minigpt.serve import name_of
 
