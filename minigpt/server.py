@@ -500,6 +500,12 @@ def create_app(model, tokenizer, model_id: str, limits: ServerLimits | None = No
         except ValueError as exc:  # an id inside the range that this vocabulary leaves unused
             raise ApiError(400, str(exc), "tokens") from None
 
+    @app.post("/v1/chat/completions")
+    async def chat():
+        raise ApiError(404, "this server has no chat API: it serves a model trained on plain text, which has no chat "
+                            "template; use /v1/completions (client.completions.create) with a prompt",
+                       kind="not_found_error")
+
     @app.post("/v1/completions")
     @_guarded
     async def completions(request: Request):

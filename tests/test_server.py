@@ -369,6 +369,13 @@ def test_other_routes_and_methods_answer_in_the_same_shape(server):
     assert post(server, "/tokenize", {"text": "x"}).status_code == 400
 
 
+def test_the_chat_api_says_this_server_serves_completions(client):
+    """A new user's first call is often the chat API; it answered a bare "Not Found"."""
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(model="tiny-model", messages=[{"role": "user", "content": "hi"}])
+    assert "/v1/completions" in error.value.message and "chat" in error.value.message
+
+
 def long_stream(server: str, n: int) -> Stream:
     """An open streaming request that would run for minutes (ignore_eos); close it to cancel it."""
     stream = Stream(server, {"prompt": "x", "n": n, "max_tokens": 100000, "ignore_eos": True})
