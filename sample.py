@@ -257,11 +257,12 @@ def generate(args, model, tokenizer, device, autocast) -> int:
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     ids = cap_prompt(ids, model.config)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = []
     if args.compile:
         print("note: --compile: the first tokens wait for the decoding step to compile", file=sys.stderr)
     for n in range(args.num_samples):
+        # Sample n draws from seed + n, as choice n of the server's `n` does: each can be made again on its own.
+        generator = torch.Generator(device=device).manual_seed((args.seed + n) % 2 ** 64)
         stream = SampleStream(model, tokenizer, idx, args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache, generator=generator,
                               stop=args.stop, compile=args.compile)

@@ -355,6 +355,15 @@ def test_json_records_the_seed_used_and_that_seed_makes_the_sample_again(run_dir
     assert [s["text"] for s in again["samples"]] == [s["text"] for s in first["samples"]]
 
 
+def test_sample_k_of_num_samples_is_the_sample_of_seed_plus_k_as_the_servers_choice_k_is(run_dir):
+    """Sample k used to continue the generator of the samples before it: it could not be made again alone, and
+    differed from choice k of the server's `n` (seeded with seed + k) for the same seed."""
+    args = ("--prompt", "naïve", "--max-new-tokens", "12", "--temperature", "1.5")
+    together = [s["text"] for s in sample_json(run_dir, *args, "--seed", "7", "--num-samples", "3")["samples"]]
+    alone = [sample_json(run_dir, *args, "--seed", str(7 + k))["samples"][0]["text"] for k in range(3)]
+    assert together == alone and len(set(alone)) == 3
+
+
 def test_an_empty_stop_string_is_refused(run_dir):
     one_line_error(sample(run_dir, "--stop", ""), '--stop ""')
 
