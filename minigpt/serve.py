@@ -10,6 +10,7 @@ in flight finish for a few seconds, cancels the rest, and exits.
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import socket
 import sys
@@ -144,8 +145,9 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise MinigptError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port (0: any free one)"
-                           ) from None
+        fix = (f"--host {host} is not an address of this machine; give one of its own (127.0.0.1, or 0.0.0.0 for "
+               f"every interface)" if exc.errno == errno.EADDRNOTAVAIL else "pick another --port (0: any free one)")
+        raise MinigptError(f"cannot listen on {host}:{port}: {exc.strerror}; {fix}") from None
     sock.listen(2048)
     return sock
 

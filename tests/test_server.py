@@ -525,6 +525,15 @@ def test_a_hugging_face_folder_given_as_the_checkpoint_folder_is_told_to_use_ini
     assert exit_.value.code == 2 and err.count("\n") == 1 and "--init-from hf_out" in err, err
 
 
+def test_an_address_not_of_this_machine_names_host_not_port():
+    from minigpt.errors import MinigptError
+    from minigpt.serve import _listen
+
+    with pytest.raises(MinigptError, match="--host 192.0.2.1") as error:  # TEST-NET-1: no machine has it
+        _listen("192.0.2.1", 0)
+    assert "--port" not in str(error.value)
+
+
 def test_the_model_id_is_the_folders_name_and_a_best_subfolder_says_whose(tmp_path, monkeypatch):
     from minigpt.serve import name_of
 
