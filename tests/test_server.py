@@ -341,6 +341,9 @@ def test_end_of_text_finishes_with_stop_and_ignore_eos_goes_on(server, client):
     ({"prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"prompt": "x", "temprature": 1}, 400, "temprature"),  # a typo is not silently ignored
     ({"prompt": "x " * 100}, 400, "prompt"),  # longer than the 64 positions the model knows
+    ({"prompt": "a\ud800b"}, 400, "prompt"),  # a lone surrogate (valid JSON, not text): was read as U+FFFD
+    ({"prompt": ["ok", "\udfff"]}, 400, "prompt"),
+    ({"prompt": "x", "stop": ["\ud83d"]}, 400, "stop"),  # half an emoji: a stop that could never match
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param):
@@ -367,6 +370,7 @@ def test_other_routes_and_methods_answer_in_the_same_shape(server):
     assert answer.status_code == 405 and "error" in answer.json()
     assert post(server, "/detokenize", {"tokens": [-1]}).status_code == 400
     assert post(server, "/tokenize", {"text": "x"}).status_code == 400
+    assert post(server, "/tokenize", {"prompt": "\ud800"}).status_code == 400
 
 
 def test_the_chat_api_says_this_server_serves_completions(client):
