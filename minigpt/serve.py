@@ -95,8 +95,8 @@ def main() -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     int8 = ", int8" if args.quantize else ""
-    print(f"serving {model_id} ({loaded.parameters:,} parameters{int8}, {loaded.device}) at http://{shown}:{port}  "
-          f"(OpenAI API under /v1; Ctrl-C to stop)", flush=True)
+    print(f"serving {model_id} ({loaded.parameters:,} parameters{int8}, {loaded.device}) at http://{shown}:{port}"
+          f"  (OpenAI API under /v1; Ctrl-C to stop)", flush=True)
     server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1), app.state.worker, args.grace)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again so that a default handler can
     # end the process; the shutdown is already complete by then, so these no-op handlers let main return 0.
