@@ -151,6 +151,8 @@ def main() -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     if "" in args.stop:
         raise ConfigError('--stop "" would stop before the first token; give the text to stop at, or no --stop')
+    if args.seed is not None and not -2 ** 63 <= args.seed < 2 ** 64:
+        raise ConfigError(f"--seed must be in [-2**63, 2**64 - 1] (torch's seeds), got {args.seed}")
     if args.eval and args.eval_choices:
         raise ConfigError("give --eval or --eval-choices, not both")
     if args.compile and args.no_cache:
@@ -281,11 +283,12 @@ def generate(args, model, tokenizer, device, autocast) -> int:
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     ids = cap_prompt(ids, model.config)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = []
     if args.compile:
         print("note: --compile: the first tokens wait for the decoding step to compile", file=sys.stderr)
     for n in range(args.num_samples):
+        # Sample n draws from seed + n, as choice n of the server's `n` does: each can be made again on its own.
+        generator = torch.Generator(device=device).manual_seed((args.seed + n) % 2 ** 64)
         stream = SampleStream(model, tokenizer, idx, args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache, generator=generator,
                               stop=args.stop, compile=args.compile)

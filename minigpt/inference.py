@@ -6,7 +6,10 @@ One function, so that the two commands accept and refuse the same settings in th
 from __future__ import annotations
 
 import contextlib
+import json
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +29,7 @@ class LoadedModel:
     config: dict[str, Any]  # the checkpoint's config.json ({"model": ...} alone for a pretrained model)
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast's dtype; None: float32
+    parameters: int  # the model's, counted before int8 packs the Linear weights out of .parameters()
     compile: bool = False  # decode with the engine's compiled step (CUDA graphs on a GPU)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -57,10 +61,29 @@ def load_for_inference(out_dir: str | None, init_from: str | None, device: str =
     else:
         from .checkpoint import load_model
 
+        _refuse_hugging_face_folder(out_dir)
         model, tokenizer, config = load_model(out_dir, where)
+    parameters = model.num_parameters()
     if quantize is not None:
         from .quantize import quantize_int8
 
         model = quantize_int8(model)
     model.attention = choose_attention(attention, model.config, where, training=False)
-    return LoadedModel(model, tokenizer, config, where, amp_dtype, compile)
+    return LoadedModel(model, tokenizer, config, where, amp_dtype, parameters, compile)
+
+
+def _refuse_hugging_face_folder(out_dir: str) -> None:
+    """A Hugging Face model folder (say, one minigpt.export wrote) given where a checkpoint of train.py goes: say
+    that --init-from reads it, rather than that the checkpoint's manifest is missing."""
+    from .checkpoint import CONFIG_FILE, MANIFEST_FILE
+
+    folder = Path(out_dir)
+    if (folder / MANIFEST_FILE).exists() or not (folder / CONFIG_FILE).is_file():
+        return
+    try:
+        model_type = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # not readable as a Hugging Face config: load_model says what is wrong
+    if model_type:
+        raise ConfigError(f"{out_dir} is a Hugging Face model folder ({model_type}), not a checkpoint written by "
+                          f"train.py; load it with --init-from {shlex.quote(str(out_dir))}")

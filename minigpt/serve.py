@@ -10,6 +10,7 @@ in flight finish for a few seconds, cancels the rest, and exits.
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import socket
 import sys
@@ -93,8 +94,9 @@ def main() -> int:
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {model_id} ({model.num_parameters():,} parameters, {loaded.device}) at http://{shown}:{port}  "
-          f"(OpenAI API under /v1; Ctrl-C to stop)", flush=True)
+    int8 = ", int8" if args.quantize else ""
+    print(f"serving {model_id} ({loaded.parameters:,} parameters{int8}, {loaded.device}) at http://{shown}:{port}"
+          f"  (OpenAI API under /v1; Ctrl-C to stop)", flush=True)
     server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1), app.state.worker, args.grace)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again so that a default handler can
     # end the process; the shutdown is already complete by then, so these no-op handlers let main return 0.
@@ -143,8 +145,9 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise MinigptError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port (0: any free one)"
-                           ) from None
+        fix = (f"--host {host} is not an address of this machine; give one of its own (127.0.0.1, or 0.0.0.0 for "
+               f"every interface)" if exc.errno == errno.EADDRNOTAVAIL else "pick another --port (0: any free one)")
+        raise MinigptError(f"cannot listen on {host}:{port}: {exc.strerror}; {fix}") from None
     sock.listen(2048)
     return sock
 

@@ -148,8 +148,8 @@ def prompt_ids(prompt: Any, tokenizer, max_prompt: int) -> list[list[int]]:
                             "token ids (not empty)", "prompt")
     out = []
     for p in prompts:
-        if isinstance(p, str):
-            ids = tokenizer.encode(p, allowed_special="all")  # <|endoftext|> is the document separator, as OpenAI's
+        if isinstance(p, str):  # <|endoftext|> is the document separator, as OpenAI's
+            ids = tokenizer.encode(_text(p, "prompt"), allowed_special="all")
         elif all(is_int(t) and 0 <= t < tokenizer.vocab_size for t in p):
             ids = list(p)
         else:
@@ -196,6 +196,17 @@ def _boolean(body: dict, name: str) -> bool:
     return value
 
 
+def _text(value: str, param: str) -> str:
+    """`value`, if it is text: JSON's escapes can carry a lone surrogate ("\\ud800"), which UTF-8 cannot encode and
+    the tokenizer would silently read as U+FFFD."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{param} holds a lone surrogate (\\u{ord(value[exc.start]):04x} at character "
+                            f"{exc.start}), which is not text; send whole characters", param) from None
+    return value
+
+
 def _stops(stop: Any) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -204,6 +215,8 @@ def _stops(stop: Any) -> tuple[str, ...]:
         raise ApiError(400, "stop must be a string or a list of strings", "stop")
     if len(stops) > MAX_STOPS:
         raise ApiError(400, f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", "stop")
+    for s in stops:
+        _text(s, "stop")
     if "" in stops:
         raise ApiError(400, 'stop "" would stop before the first token; give the text to stop at, or no stop',
                        "stop")
@@ -483,7 +496,7 @@ def create_app(model, tokenizer, model_id: str, limits: ServerLimits | None = No
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             raise ApiError(400, 'the body must be {"prompt": "some text"}', "prompt")
         check_model(body.get("model"))
-        tokens = tokenizer.encode(body["prompt"], allowed_special="all")
+        tokens = tokenizer.encode(_text(body["prompt"], "prompt"), allowed_special="all")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": max_prompt}
 
     @app.post("/detokenize")
@@ -499,6 +512,12 @@ def create_app(model, tokenizer, model_id: str, limits: ServerLimits | None = No
             return {"prompt": tokenizer.decode(tokens)}
         except ValueError as exc:  # an id inside the range that this vocabulary leaves unused
             raise ApiError(400, str(exc), "tokens") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        raise ApiError(404, "this server has no chat API: it serves a model trained on plain text, which has no chat "
+                            "template; use /v1/completions (client.completions.create) with a prompt",
+                       kind="not_found_error")
 
     @app.post("/v1/completions")
     @_guarded

@@ -195,6 +195,7 @@ def test_eval_reads_what_train_py_reads_and_scores_a_file_shorter_than_a_block(r
     (("--top-p", "0"), "top_p"),
     (("--top-p", "1.5"), "top_p"),
     (("--max-new-tokens", "-1"), "max-new-tokens"),
+    (("--seed", str(2 ** 64)), "--seed"),  # beyond torch's seeds: was a ValueError traceback
     (("--bogus-flag",), "unrecognized"),
 ])
 def test_bad_sampling_arguments_give_one_line(run_dir, args, expected):
@@ -223,6 +224,11 @@ def test_missing_and_corrupt_checkpoints(run_dir, tmp_path):
     one_line_error(sample(broken), "model.safetensors")
     (broken / "model.safetensors").unlink()
     one_line_error(sample(broken), "model.safetensors")
+
+
+def test_a_hugging_face_folder_as_out_dir_is_told_to_use_init_from(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+    one_line_error(sample(tmp_path), "Hugging Face", f"--init-from {tmp_path}")
 
 
 def test_tokenizer_that_does_not_belong_to_the_model(run_dir, tmp_path):
@@ -347,6 +353,15 @@ def test_json_records_the_seed_used_and_that_seed_makes_the_sample_again(run_dir
     assert isinstance(seed, int)
     again = sample_json(run_dir, *args, "--seed", str(seed))
     assert [s["text"] for s in again["samples"]] == [s["text"] for s in first["samples"]]
+
+
+def test_sample_k_of_num_samples_is_the_sample_of_seed_plus_k_as_the_servers_choice_k_is(run_dir):
+    """Sample k used to continue the generator of the samples before it: it could not be made again alone, and
+    differed from choice k of the server's `n` (seeded with seed + k) for the same seed."""
+    args = ("--prompt", "naïve", "--max-new-tokens", "12", "--temperature", "1.5")
+    together = [s["text"] for s in sample_json(run_dir, *args, "--seed", "7", "--num-samples", "3")["samples"]]
+    alone = [sample_json(run_dir, *args, "--seed", str(7 + k))["samples"][0]["text"] for k in range(3)]
+    assert together == alone and len(set(alone)) == 3
 
 
 def test_an_empty_stop_string_is_refused(run_dir):

@@ -341,6 +341,9 @@ def test_end_of_text_finishes_with_stop_and_ignore_eos_goes_on(server, client):
     ({"prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"prompt": "x", "temprature": 1}, 400, "temprature"),  # a typo is not silently ignored
     ({"prompt": "x " * 100}, 400, "prompt"),  # longer than the 64 positions the model knows
+    ({"prompt": "a\ud800b"}, 400, "prompt"),  # a lone surrogate (valid JSON, not text): was read as U+FFFD
+    ({"prompt": ["ok", "\udfff"]}, 400, "prompt"),
+    ({"prompt": "x", "stop": ["\ud83d"]}, 400, "stop"),  # half an emoji: a stop that could never match
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param):
@@ -367,6 +370,14 @@ def test_other_routes_and_methods_answer_in_the_same_shape(server):
     assert answer.status_code == 405 and "error" in answer.json()
     assert post(server, "/detokenize", {"tokens": [-1]}).status_code == 400
     assert post(server, "/tokenize", {"text": "x"}).status_code == 400
+    assert post(server, "/tokenize", {"prompt": "\ud800"}).status_code == 400
+
+
+def test_the_chat_api_says_this_server_serves_completions(client):
+    """A new user's first call is often the chat API; it answered a bare "Not Found"."""
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(model="tiny-model", messages=[{"role": "user", "content": "hi"}])
+    assert "/v1/completions" in error.value.message and "chat" in error.value.message
 
 
 def long_stream(server: str, n: int) -> Stream:
@@ -481,6 +492,50 @@ def test_bad_command_lines_fail_in_one_line(args, words, tmp_path, monkeypatch, 
         serve.run_cli(serve.main)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err
+
+
+def test_the_start_line_counts_an_int8_models_parameters_as_its_float_ones(checkpoint, monkeypatch, capsys):
+    """torch's dynamic quantization turns Linear weights into packed int8 buffers that .parameters() no longer
+    lists: the start line said 33,408 parameters for a 132,864-parameter model."""
+    from minigpt import serve
+
+    monkeypatch.setattr(serve._Server, "run", lambda self, sockets: None)  # print the start line, serve nothing
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    counts = []
+    try:
+        for flags in ([], ["--quantize", "int8"]):
+            with mock.patch.object(sys, "argv", ["serve", str(checkpoint), "--port", "0", "--device", "cpu", *flags]):
+                assert serve.main() == 0
+            counts.append(re.search(r"\(([\d,]+) parameters", capsys.readouterr().out).group(1))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    model, _, _ = load_model(checkpoint, torch.device("cpu"))
+    assert counts == [f"{model.num_parameters():,}"] * 2
+
+
+def test_a_hugging_face_folder_given_as_the_checkpoint_folder_is_told_to_use_init_from(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """`serve hf_out` (say, what minigpt.export wrote) said "manifest.json is missing; is hf_out a checkpoint folder
+    written by train.py?", which does not say that --init-from reads it."""
+    from minigpt import serve
+
+    (tmp_path / "hf_out").mkdir()
+    (tmp_path / "hf_out" / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+    monkeypatch.chdir(tmp_path)
+    with mock.patch.object(sys, "argv", ["serve", "hf_out"]), pytest.raises(SystemExit) as exit_:
+        serve.run_cli(serve.main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--init-from hf_out" in err, err
+
+
+def test_an_address_not_of_this_machine_names_host_not_port():
+    from minigpt.errors import MinigptError
+    from minigpt.serve import _listen
+
+    with pytest.raises(MinigptError, match="--host 192.0.2.1") as error:  # TEST-NET-1: no machine has it
+        _listen("192.0.2.1", 0)
+    assert "--port" not in str(error.value)
 
 
 def test_the_model_id_is_the_folders_name_and_a_best_subfolder_says_whose(tmp_path, monkeypatch):
