@@ -261,10 +261,14 @@ class EngineWorker:
         with self._wake:
             if self._closed:
                 raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+            # Room: the engine's free rows, then the queue. Counted together, so that a burst on an idle server
+            # fills the rows before the queue refuses anything (the sequences sent are not in a row until a step).
             waiting = self._waiting + sum(len(s) for s, _ in self._inbox)
-            if waiting and waiting + len(seqs) > self.max_queue:
-                raise ApiError(429, f"the server is busy: {waiting} completions are waiting (--max-queue "
-                                    f"{self.max_queue}); retry in a moment", kind="rate_limit_error",
+            held = self._running + waiting
+            if held and held + len(seqs) > self.engine.max_batch + self.max_queue:
+                raise ApiError(429, f"the server is busy: {self._running} completions are running and {waiting} "
+                                    f"waiting (--max-batch {self.engine.max_batch}, --max-queue {self.max_queue}); "
+                                    f"retry in a moment", kind="rate_limit_error",
                                code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
             self._inbox.append((seqs, notify))
             self._wake.notify()

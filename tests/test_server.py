@@ -430,15 +430,30 @@ def test_sequences_the_engine_has_taken_still_count_as_waiting_during_its_step(c
     worker = EngineWorker(engine, max_queue=2)
     worker.start()
     try:
-        worker.submit([Sequence([1], 2), Sequence([1], 2)], lambda: None)
-        assert in_step.wait(30)  # the engine holds both, in its first step
-        assert worker.counts() == (0, 2)
+        worker.submit([Sequence([1], 2) for _ in range(3)], lambda: None)  # one row and the queue of 2
+        assert in_step.wait(30)  # the engine holds all three, in its first step
+        assert worker.counts() == (0, 3)
         with pytest.raises(ApiError) as refused:
             worker.submit([Sequence([1], 2)], lambda: None)
         assert refused.value.status == 429
     finally:
         release.set()
         worker.stop()
+
+
+def test_a_burst_on_an_idle_server_fills_the_free_rows_and_then_the_queue(checkpoint):
+    """Requests sent before the engine's next step are not in a row yet: with 2 rows and a queue of 2, four
+    single requests get in at once and the fifth is refused (before, the free rows were counted as queue)."""
+    from minigpt.engine import Engine, Sequence
+    from minigpt.server import ApiError, EngineWorker
+
+    worker = EngineWorker(Engine(load_model(checkpoint)[0], max_batch=2), max_queue=2)  # not started: no step
+    for _ in range(4):
+        worker.submit([Sequence([1], 2)], lambda: None)
+    assert worker.counts() == (0, 4)
+    with pytest.raises(ApiError) as refused:
+        worker.submit([Sequence([1], 2)], lambda: None)
+    assert refused.value.status == 429
 
 
 def test_a_waiting_client_that_leaves_frees_its_place_too(server):
