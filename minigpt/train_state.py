@@ -173,8 +173,13 @@ class TrainState:
             for loader, state in zip(run.loaders, self.loaders[rank * cfg.grad_accum:]):
                 loader.load_state_dict(state)
         else:
+            then, now = self.world_size * self.grad_accum, run.world.world_size * cfg.grad_accum
+            size = "" if then == now else (
+                f", and a step takes {now / then:g}x the sequences it took ({run.tokens_per_step:,} tokens now; "
+                f"--total-batch-tokens keeps a step's size on any number of processes)")
             run.say(f"note: the checkpoint was written by {self.world_size} process(es) × grad_accum "
-                    f"{self.grad_accum}; data order restarts from a new seed")
+                    f"{self.grad_accum}, this run is {run.world.world_size} × {cfg.grad_accum}; data order restarts "
+                    f"from a new seed{size}")
             torch.manual_seed(cfg.seed + rank + 7919 * self.step)
             run.loaders = run.make_loaders(cfg.seed + self.step)
 

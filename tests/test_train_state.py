@@ -158,6 +158,19 @@ def test_without_its_corpus_or_prepared_tokens_a_resume_says_what_is_missing(tmp
         train(tiny_config(data, tmp_path / "cache", out, max_iters=8, resume=True))
 
 
+def test_a_resume_with_another_data_layout_says_how_a_steps_size_changes(tmp_path, corpus, capsys):
+    """2 micro-batches a step resumed with 1: the batches cannot be replayed, and each step is half the size."""
+    out = tmp_path / "run"
+    cfg = tiny_config(*corpus, out, max_iters=2, eval_interval=2, grad_accum=2)
+    train(cfg)
+    capsys.readouterr()
+    train(tiny_config(*corpus, out, max_iters=4, eval_interval=2, grad_accum=1, resume=True))
+    tokens = cfg.batch_size * cfg.model.block_size
+    assert ("note: the checkpoint was written by 1 process(es) × grad_accum 2, this run is 1 × 1; data order "
+            f"restarts from a new seed, and a step takes 0.5x the sequences it took ({tokens:,} tokens now; "
+            "--total-batch-tokens keeps a step's size on any number of processes)") in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------ precision
 def test_resume_continues_in_the_checkpoints_precision(tmp_path, corpus):
     """A float16 run resumed without --dtype goes on in float16 with its loss scaler, as a straight run does."""
